@@ -1,0 +1,200 @@
+"""Capture a model as one FX graph: torch.export (non-strict) first, symbolic_trace after.
+
+Passes see a `torch.fx.GraphModule` whose parameters are `get_attr` nodes and whose
+nodes carry `meta["val"]` (fake tensors with real shapes and dtypes). Export gives
+ATen-level graphs with dynamic batch/sequence dims where the model allows them; the
+symbolic_trace fallback gives torch-level graphs for modules export cannot take.
+"""
+from __future__ import annotations
+
+import inspect
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+__all__ = ["CaptureError", "Captured", "capture", "trace_pattern"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph; the message says where and what to try."""
+
+
+@dataclass
+class Captured:
+    module: fx.GraphModule
+    method: str  # "export" or "symbolic_trace"
+    example_args: tuple
+    example_kwargs: dict
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    exported: Any = None  # the ExportedProgram, when method == "export"
+
+
+def _dynamic_shapes(model, args: tuple, kwargs: dict):
+    """Dim.AUTO on batch and sequence dims: dynamic where the model allows, static elsewhere.
+
+    Specs are keyed by the forward's parameter names, as torch.export expects.
+    """
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return {d: auto for d in range(min(x.dim(), 2))}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {
+        name: torch.utils._pytree.tree_map(spec, value, is_leaf=lambda t: isinstance(t, torch.Tensor))
+        for name, value in bound.arguments.items()
+    }
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the user's own code in a traceback: the line that failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        path = fr.filename.replace("\\", "/")
+        if "/site-packages/torch/" in path or "/rewriter/" in path or path.startswith("<"):
+            continue
+        return f'{fr.filename}:{fr.lineno} in {fr.name}: {fr.line or ""}'.strip()
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _export(model, args, kwargs, dynamic: bool):
+    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    return ep
+
+
+def _dynamic_dims_of(ep) -> dict[str, list[int]]:
+    dims: dict[str, list[int]] = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                d = [i for i, s in enumerate(val.shape) if not is_concrete_int(s)]
+                if d:
+                    dims[node.name] = d
+    return dims
+
+
+class _InlineTracer(fx.Tracer):
+    """symbolic_trace that traces into every module, so the graph is made of functions."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return False
+
+
+def _symbolic_trace(model: nn.Module, args, kwargs) -> fx.GraphModule:
+    if kwargs:
+        raise CaptureError("symbolic_trace fallback takes positional example inputs only")
+    try:
+        graph = _InlineTracer().trace(model)
+    except Exception:
+        graph = fx.Tracer().trace(model)
+    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    _propagate_meta(gm, args)
+    return gm
+
+
+def _propagate_meta(gm: fx.GraphModule, args) -> None:
+    """Fill node.meta['val'] with fake tensors (real tensors where an op has no fake kernel)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    except Exception:  # an op without a fake kernel: record real values instead
+
+        class _Record(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                n.meta["val"] = out
+                return out
+
+        with torch.no_grad():
+            _Record(gm).run(*args)
+
+
+def capture(
+    model: nn.Module,
+    example_args: tuple,
+    example_kwargs: dict | None = None,
+    *,
+    dynamic: bool = True,
+    method: str = "auto",
+) -> Captured:
+    """Capture `model` called on the example inputs as an FX graph.
+
+    method: "auto" (export, then symbolic_trace), "export" or "symbolic_trace".
+    Raises CaptureError naming the op or line that failed and what to try.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if method not in ("auto", "export", "symbolic_trace"):
+        raise ValueError(f"method must be 'auto', 'export' or 'symbolic_trace', not {method!r}")
+    args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
+    kwargs = dict(example_kwargs or {})
+    notes: list[str] = []
+    errors: list[tuple[str, BaseException]] = []
+
+    if method in ("auto", "export"):
+        for dyn in ((True, False) if dynamic else (False,)):
+            try:
+                ep = _export(model, args, kwargs, dyn)
+            except Exception as e:  # noqa: BLE001 - reported below with the failing line
+                errors.append(("torch.export" + (" (dynamic)" if dyn else ""), e))
+                continue
+            gm = ep.module()
+            if not dyn and dynamic:
+                notes.append("dynamic batch/sequence dims were refused by the model; captured with static shapes")
+            return Captured(gm, "export", args, kwargs, _dynamic_dims_of(ep), notes, ep)
+
+    if method in ("auto", "symbolic_trace"):
+        try:
+            gm = _symbolic_trace(model, args, kwargs)
+        except Exception as e:  # noqa: BLE001
+            errors.append(("torch.fx.symbolic_trace", e))
+        else:
+            if errors:
+                notes.append(f"torch.export failed ({_first_line(errors[-1][1])}); used torch.fx.symbolic_trace")
+            return Captured(gm, "symbolic_trace", args, kwargs, {}, notes)
+
+    lines = [f"could not capture {type(model).__name__} as a graph:"]
+    for how, e in errors:
+        where = _user_frame(e)
+        lines.append(f"  {how}: {_first_line(e)}" + (f"\n    at {where}" if where else ""))
+    lines.append(
+        "  try: remove data-dependent Python control flow (use torch.where / torch.cond), "
+        "pass example inputs of the shapes and dtypes the model expects, or wrap "
+        "untraceable helpers with torch.fx.wrap"
+    )
+    raise CaptureError("\n".join(lines)) from (errors[-1][1] if errors else None)
+
+
+def trace_pattern(fn, example_args: tuple, method: str) -> fx.Graph:
+    """Trace a search pattern through the same capture path as the model (DESIGN: patterns are code)."""
+
+    class Pattern(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    if method == "export":
+        ep = torch.export.export(Pattern(), tuple(example_args), strict=False)
+        from .graph import remove_identities, strip_export_plumbing
+
+        strip_export_plumbing(ep.graph_module.graph)
+        remove_identities(ep.graph_module.graph)
+        return ep.graph_module.graph
+    return _InlineTracer().trace(Pattern())

@@ -1,0 +1,217 @@
+"""Small helpers every pass uses to read and edit a captured graph.
+
+Why here: passes must agree on how a node's value, module path and parameters are read,
+and on how a new node gets its `meta["val"]`, so that later passes' checks see real
+shapes and dtypes on nodes earlier passes made.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+__all__ = [
+    "val", "module_path", "call", "same_size", "param", "set_param", "add_param",
+    "strip_export_plumbing", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
+]
+
+
+def val(node: Any) -> Any:
+    """The example value (a fake tensor) of a node, or the literal itself."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost user module that produced `node` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.replace("L['self'].", "").replace("L__self__.", "") or "<root>"
+    return "<root>"
+
+
+def same_size(a, b) -> bool:
+    """Sizes equal for every input shape (SymInts compared symbolically, never guarded)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(statically_known_true(a == b))
+    return a == b
+
+
+def _fake(x):
+    return val(x) if isinstance(x, fx.Node) else x
+
+
+def call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
+    """Insert `target(*args, **kwargs)` at the current insert point and give it meta['val'].
+
+    The value is computed by running the op on the inputs' fake values (the same fake
+    mode and shape environment as capture), so symbolic shapes stay symbolic.
+    """
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    fargs = torch.fx.node.map_aggregate(args, _fake)
+    fkwargs = torch.fx.node.map_aggregate(kwargs, _fake)
+    mode = torch._guards.detect_fake_mode(list(torch.utils._pytree.tree_leaves((fargs, fkwargs))))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fargs, **fkwargs)
+    else:
+        node.meta["val"] = target(*fargs, **fkwargs)
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    return node
+
+
+def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    *path, name = target.split(".")
+    mod = gm
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, name
+
+
+def param(gm: nn.Module, node: Any) -> torch.Tensor | None:
+    """The tensor behind a `get_attr` node, else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        mod, name = _owner(gm, node.target)
+        t = getattr(mod, name)
+        return t if isinstance(t, torch.Tensor) else None
+    return None
+
+
+def set_param(gm: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace a parameter or buffer with a new tensor; never writes into the old one.
+
+    Captured modules share their tensors with the user's model, so in-place edits
+    would silently change the user's model too.
+    """
+    mod, name = _owner(gm, target)
+    old = getattr(mod, name)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in getattr(mod, "_buffers", {}):
+        mod._buffers[name] = value
+    else:
+        setattr(mod, name, value)
+
+
+def add_param(gm: fx.GraphModule, base: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
+    """Register a new parameter named after `base` and return a get_attr node for it."""
+    name = base.replace(".", "_")
+    i = 0
+    while hasattr(gm, f"{name}_{i}"):
+        i += 1
+    name = f"{name}_{i}"
+    gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    with gm.graph.inserting_before(like):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = val(like)
+    return node
+
+
+_PLUMBING = {aten._assert_tensor_metadata.default}
+
+
+def strip_export_plumbing(graph: fx.Graph) -> int:
+    """Drop export's dtype/device assertion nodes: they read tensors but compute nothing,
+    and as extra users they would hide every pattern's inner nodes from the matcher."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _PLUMBING and not node.users:
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def _is_identity(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if t in (aten.dropout.default, torch.nn.functional.dropout):
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", node.kwargs.get("training", False))
+        return train is False
+    if t in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.alias.default, aten.type_as.default):
+        src, out = val(node.args[0]), val(node)
+        return (
+            isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
+            and src.dtype == out.dtype and src.device == out.device
+            and node.kwargs.get("memory_format") in (None, torch.preserve_format)
+        )
+    return False
+
+
+def remove_identities(graph: fx.Graph) -> int:
+    """Bypass ops that compute nothing here: eval-mode dropout and casts to the same dtype."""
+    n = 0
+    for node in list(graph.nodes):
+        if _is_identity(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            n += 1
+    return n
+
+
+def common_subexpressions(graph: fx.Graph) -> int:
+    """Merge identical pure ATen calls (e.g. `x.float()` written twice), so one pattern
+    covers code that recomputes a value instead of naming it."""
+    seen: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if node.is_impure() or torch.Tag.nondeterministic_seeded in node.target.tags:
+            continue
+        try:
+            key = (node.target, _freeze(node.args), _freeze(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
+def _freeze(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(i) for i in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return str(x)
+    return x
+
+
+def dead_code_elimination(gm: fx.GraphModule) -> None:
+    """DCE that keeps module calls (export's input guards) and impure ops."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.op == "call_module")
+    gm.recompile()
+
+
+def op_targets(graph: fx.Graph) -> set:
+    """The set of call targets in a graph (used to skip patterns that cannot match)."""
+    out = set()
+    for n in graph.nodes:
+        if n.op == "call_function":
+            out.add(n.target)
+        elif n.op == "call_method":
+            out.add(("method", n.target))
+    return out
+
+
+def users_outside(nodes: Iterable[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
+    return [u for n in nodes for u in n.users if u not in inside]
+
+
+getitem = operator.getitem

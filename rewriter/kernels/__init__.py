@@ -1,0 +1,95 @@
+"""The `rewriter::` custom ops.
+
+Each op is a `torch.library.custom_op` so a rewritten graph still runs, re-exports,
+saves as `.pt2` and compiles. CPU tensors run the reference (`<op>/naive.py`, the
+spec); CUDA tensors run `<op>/triton.py` when that module and Triton are present,
+else the reference. Triton is imported only on the first CUDA call.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from .layer_norm.naive import layer_norm as _layer_norm_ref
+from .rms_norm.naive import rms_norm as _rms_norm_ref
+
+__all__ = ["rms_norm", "layer_norm", "triton_impl"]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_impl(op: str):
+    """The Triton implementation of `op`, or None where Triton or the kernel is missing."""
+    try:
+        module = importlib.import_module(f"{__name__}.{op}.triton")
+    except ImportError:
+        return None
+    return getattr(module, op, None)
+
+
+def _dispatch(op: str, reference, x: torch.Tensor, *args):
+    if x.is_cuda:
+        fast = triton_impl(op)
+        if fast is not None:
+            return fast(x, *args)
+    return reference(x, *args)
+
+
+@torch.library.custom_op("rewriter::rms_norm", mutates_args=())
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    weight_offset: float = 0.0,
+) -> torch.Tensor:
+    """RMSNorm over the last dim; see `kernels/rms_norm/naive.py`."""
+    return _dispatch("rms_norm", _rms_norm_ref, x, weight, bias, eps, weight_offset)
+
+
+@rms_norm.register_fake
+def _(x, weight, bias, eps, weight_offset=0.0):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("rewriter::layer_norm", mutates_args=())
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dim; see `kernels/layer_norm/naive.py`."""
+    return _dispatch("layer_norm", _layer_norm_ref, x, weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    ctx.inputs = inputs
+
+
+def _backward_through(reference):
+    """Autograd for an op: differentiate its reference (kernels bring their own later)."""
+
+    def backward(ctx, grad):
+        inputs = ctx.inputs
+        with torch.enable_grad():
+            leaves = [
+                t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                for t in inputs
+            ]
+            out = reference(*leaves)
+            wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else iter(())
+        return tuple(
+            next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves
+        )
+
+    return backward
+
+
+rms_norm.register_autograd(_backward_through(_rms_norm_ref), setup_context=_setup_context)
+layer_norm.register_autograd(_backward_through(_layer_norm_ref), setup_context=_setup_context)

@@ -1,0 +1,207 @@
+"""optimize(): capture → exact passes (verified, rolled back where they fail) → module.
+
+Without example inputs the model is captured on its first call, and again for each new
+input signature, as torch.compile does.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .capture import Captured, capture
+from .graph import common_subexpressions, dead_code_elimination, remove_identities, strip_export_plumbing
+from .passes import PassContext, Rewrite, exact_passes
+from .report import ROLLED_BACK, RewriteReport
+from .verify import compare_outputs, error, flat_inputs, record, within_tolerance
+
+__all__ = ["optimize", "OptimizedModule", "rewrite_captured"]
+
+
+def _verify_sites(gm: fx.GraphModule, rewrites: list[Rewrite], flat: list) -> None:
+    """Compare each replacement with what it replaced, on the same inputs; undo failures."""
+    if not rewrites:
+        return
+    values = record(gm, flat, [n for rw in rewrites for n in (rw.old, rw.new)])
+    failed_groups = {}
+    for rw in rewrites:
+        new, old = values.get(rw.new), values.get(rw.old)
+        if not (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)):
+            continue
+        err = error(new, old)
+        prev = rw.site.error
+        if not prev or err["rel_l2"] >= prev.get("rel_l2", 0.0):
+            rw.site.error = err
+        if not within_tolerance(err, old.dtype):
+            _roll_back([rw], f"replacement differs from the original: rel_l2 {err['rel_l2']:.2e} > {old.dtype} tolerance")
+            if rw.group is not None:
+                failed_groups[id(rw.group)] = rw.group
+    for group in failed_groups.values():
+        members = [rw for rw in rewrites if rw.group is group and rw.site.status != ROLLED_BACK]
+        _roll_back(members, "another site of the same residual stream failed its check")
+        group.undo()
+
+
+def _roll_back(rewrites: list[Rewrite], reason: str) -> None:
+    for rw in reversed(rewrites):
+        rw.roll_back()
+        rw.site.roll_back(reason)
+
+
+def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], verify: bool = True) -> tuple[fx.GraphModule, RewriteReport]:
+    """Run the exact pipeline on a captured graph; verify every site and the outputs."""
+    gm = cap.module
+    strip_export_plumbing(gm.graph)
+    remove_identities(gm.graph)
+    common_subexpressions(gm.graph)
+    dead_code_elimination(gm)  # dead reads (e.g. unused attention weights) would hide sites
+    report = RewriteReport(capture={"method": cap.method, "dynamic_dims": cap.dynamic_dims, "notes": cap.notes})
+    args, kwargs = cap.example_args, cap.example_kwargs
+    flat = flat_inputs(gm, args, kwargs)
+    with torch.no_grad():
+        expected = model(*args, **kwargs) if verify else None
+    ctx = PassContext(gm, cap.method, report, dict(options))
+    done: list[Rewrite] = []
+    for p in exact_passes(options.get("norm", "auto")):
+        rewrites = p.run(ctx)
+        gm.recompile()
+        if verify:
+            _verify_sites(gm, rewrites, flat)
+        report.passes[p.name] = sum(1 for rw in rewrites if rw.site.status != ROLLED_BACK)
+        done.extend(rewrites)
+    if verify:
+        with torch.no_grad():
+            result = compare_outputs(gm(*args, **kwargs), expected)
+        if not result["ok"]:
+            live = [rw for rw in done if rw.site.status != ROLLED_BACK]
+            _roll_back(live, f"model output differed (rel_l2 {result['rel_l2']:.2e}) with every site applied")
+            for g in {id(rw.group): rw.group for rw in live if rw.group is not None}.values():
+                g.undo()
+            gm.recompile()
+            with torch.no_grad():
+                result = compare_outputs(gm(*args, **kwargs), expected)
+        report.verification["output"] = result
+    else:
+        report.verification["output"] = {"ok": None, "reason": "verify=False"}
+    dead_code_elimination(gm)
+    return gm, report
+
+
+def _signature(args, kwargs) -> tuple:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            sig.append(("T", x.dtype, x.device.type, x.dim()))
+        else:
+            sig.append(("V", type(x).__name__, x if isinstance(x, (int, float, bool, str, type(None))) else None))
+    return (str(spec), tuple(sig))
+
+
+@dataclass
+class _Entry:
+    gm: fx.GraphModule
+    report: RewriteReport
+    captured: Captured
+
+
+class OptimizedModule(nn.Module):
+    """The rewritten model. Call it like the original; `.report` says what was done.
+
+    Captures lazily: each new input signature (structure, dtypes, ranks) is captured and
+    rewritten on its first call; batch and sequence sizes stay dynamic where the model allows.
+    """
+
+    def __init__(self, model: nn.Module, options: dict[str, Any], verify: bool = True):
+        super().__init__()
+        object.__setattr__(self, "_original", model)  # not a submodule: no duplicate state
+        self._options = options
+        self._verify = verify
+        self._entries: dict[tuple, _Entry] = {}
+        self._last: _Entry | None = None
+
+    def _entry_for(self, args, kwargs) -> _Entry:
+        key = _signature(args, kwargs)
+        entry = self._entries.get(key)
+        if entry is None:
+            cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True))
+            gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
+            entry = self._entries[key] = _Entry(gm, report, cap)
+            self.add_module(f"graph_{len(self._entries) - 1}", gm)
+        self._last = entry
+        return entry
+
+    def forward(self, *args, **kwargs):
+        return self._entry_for(args, kwargs).gm(*args, **kwargs)
+
+    @property
+    def report(self) -> RewriteReport:
+        if self._last is None:
+            return RewriteReport(verification={"note": "not captured yet: call the module once (or pass example_inputs)"})
+        return self._last.report
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        if self._last is None:
+            raise RuntimeError("not captured yet: call the module once, or pass example_inputs to optimize()")
+        return self._last.gm
+
+    def export(self, *args, **kwargs) -> torch.export.ExportedProgram:
+        """Re-export the rewritten graph (e.g. to save it as .pt2 with torch.export.save)."""
+        entry = self._entries.get(_signature(args, kwargs)) if args or kwargs else self._last
+        if entry is None:
+            entry = self._entry_for(args, kwargs)
+        a = args or entry.captured.example_args
+        kw = kwargs or entry.captured.example_kwargs
+        from .capture import _dynamic_shapes
+
+        shapes = _dynamic_shapes(entry.gm, a, kw) if entry.captured.dynamic_dims else None
+        try:
+            return torch.export.export(entry.gm, a, kw, dynamic_shapes=shapes, strict=False)
+        except Exception:
+            return torch.export.export(entry.gm, a, kw, strict=False)
+
+    def __repr__(self) -> str:
+        return f"OptimizedModule({type(self._original).__name__}, captured={len(self._entries)})"
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    norm: str | None = "auto",
+    attention: str | None = None,
+    layers: Any = None,
+    verify: bool = True,
+    example_kwargs: dict | None = None,
+    dynamic: bool = True,
+    **attention_options,
+) -> OptimizedModule:
+    """Rewrite `model`'s attention and normalisation sites; return a module with `.report`.
+
+    example_inputs: a tensor or tuple of positional inputs; None captures on the first call.
+    norm: "auto" converts Pre-LN residual streams to Pre-RMSNorm where that is provably
+      exact, "crms" to Pre-CRMSNorm, "keep" leaves LayerNorms as LayerNorms.
+    attention: an approximate attention rewrite (not available yet); None keeps attention exact.
+    verify: check every exact rewrite numerically on the example inputs (roll back failures).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    if norm not in ("auto", "crms", "keep", None):
+        raise ValueError(f"norm must be 'auto', 'crms' or 'keep', not {norm!r}")
+    if attention is not None:
+        raise NotImplementedError(
+            f"attention={attention!r}: approximate attention rewrites are not available in this version; "
+            "use attention=None for the exact rewrites"
+        )
+    options = {"norm": norm, "layers": layers, "dynamic": dynamic, **attention_options}
+    opt = OptimizedModule(model, options, verify)
+    if example_inputs is not None or example_kwargs:
+        args = example_inputs if isinstance(example_inputs, tuple) else (() if example_inputs is None else (example_inputs,))
+        opt._entry_for(args, dict(example_kwargs or {}))
+    return opt

@@ -1,0 +1,101 @@
+"""The rewrite pipelines: one ordered list each, nothing registered at import time.
+
+A pass takes a PassContext and returns the Rewrites it made (each with its report Site);
+the optimizer verifies them and rolls back the ones that do not hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ..graph import module_path
+from ..report import RewriteReport, Site
+from ._rules import Rewrite, apply_rules
+
+__all__ = ["PassContext", "Pass", "exact_passes", "Rewrite"]
+
+
+@dataclass
+class PassContext:
+    gm: fx.GraphModule
+    method: str  # how the graph was captured: "export" or "symbolic_trace"
+    report: RewriteReport
+    options: dict[str, Any] = field(default_factory=dict)
+    claimed: set[fx.Node] = field(default_factory=set)  # nodes a rewrite already replaced
+
+
+@dataclass
+class Pass:
+    name: str
+    run: Callable[[PassContext], list[Rewrite]]
+
+
+def _canonical_attention(ctx: PassContext) -> list[Rewrite]:
+    from .attention import ATTENTION_RULES, GQA_RULES, SDPA
+
+    before = {n for n in ctx.gm.graph.nodes if n.op == "call_function" and n.target == SDPA}
+    done = apply_rules(ATTENTION_RULES + GQA_RULES, ctx.gm, ctx.method, ctx.report, "canonical_attention", ctx.claimed)
+    replaced = {rw.old for rw in done}
+    for n in before - replaced:
+        ctx.report.add(Site(module_path(n), "attention", "sdpa", reason="already scaled_dot_product_attention",
+                            pass_name="canonical_attention", node=n.name))
+    _report_unmatched_softmax(ctx)
+    return done
+
+
+def _report_unmatched_softmax(ctx: PassContext) -> None:
+    """A softmax feeding a matmul that no pattern took is an attention we could not read."""
+    seen = {s.node for s in ctx.report.sites}
+    for n in ctx.gm.graph.nodes:
+        if n.op != "call_function" or n in ctx.claimed or getattr(n.target, "overloadpacket", None) not in (
+            torch.ops.aten.softmax, torch.ops.aten._softmax
+        ):
+            continue
+        readers = _through_casts(n)
+        if any(u.name in seen for u in readers):
+            continue  # a pattern matched this site and its check refused it, with a reason
+        if any(u.op == "call_function" and getattr(u.target, "overloadpacket", None) in (torch.ops.aten.matmul, torch.ops.aten.bmm)
+               for u in readers):
+            ctx.report.add(Site(module_path(n), "attention", "sdpa", pass_name="canonical_attention", node=n.name).refuse(
+                "softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"))
+
+
+def _through_casts(n: fx.Node) -> list[fx.Node]:
+    out = []
+    for u in n.users:
+        if u.op == "call_function" and getattr(u.target, "overloadpacket", None) in (torch.ops.aten.to, torch.ops.aten._to_copy):
+            out.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _rms_norm_fusion(ctx: PassContext) -> list[Rewrite]:
+    from .norms import RMS_NORM_RULES
+
+    return apply_rules(RMS_NORM_RULES, ctx.gm, ctx.method, ctx.report, "rms_norm_fusion", ctx.claimed)
+
+
+def _pre_rmsnorm(ctx: PassContext) -> list[Rewrite]:
+    from .pre_rmsnorm import convert
+
+    return convert(ctx)
+
+
+def _norm_ops(ctx: PassContext) -> list[Rewrite]:
+    from .norms import NORM_OP_RULES
+
+    return apply_rules(NORM_OP_RULES, ctx.gm, ctx.method, ctx.report, "norm_ops", ctx.claimed)
+
+
+def exact_passes(norm: str | None = "auto") -> list[Pass]:
+    """The exact pipeline, in order. norm: "auto" (Pre-RMSNorm where provable), "crms"
+    (Pre-CRMSNorm), or None / "keep" (no residual-stream conversion)."""
+    passes = [Pass("canonical_attention", _canonical_attention), Pass("rms_norm_fusion", _rms_norm_fusion)]
+    if norm in ("auto", "rms", "crms"):
+        passes.append(Pass("pre_rmsnorm", _pre_rmsnorm))
+    passes.append(Pass("norm_ops", _norm_ops))
+    return passes

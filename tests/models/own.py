@@ -1,0 +1,298 @@
+"""Own small models for pass tests: the shapes real users write, in a few lines each."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------- nanoGPT-style causal LM
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, h: int, block: int):
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.attn_dropout = nn.Dropout(0.1)
+        self.resid_dropout = nn.Dropout(0.1)
+        self.h = h
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.h, C // self.h).transpose(1, 2)
+        k = k.view(B, T, self.h, C // self.h).transpose(1, 2)
+        v = v.view(B, T, self.h, C // self.h).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.c_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int, block: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, h, block)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = MLP(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """Pre-LN causal LM with tied token embedding / LM head."""
+
+    def __init__(self, vocab=97, block=32, d=48, h=4, layers=2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(block, d)
+        self.drop = nn.Dropout(0.1)
+        self.h = nn.ModuleList(Block(d, h, block) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for blk in self.h:
+            x = blk(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def nanogpt(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    m = NanoGPT(**kw).eval()
+    _randomize_norms(m)
+    return m, (torch.randint(0, 97, (2, 11)),)
+
+
+# ---------------------------------------------------------------- ViT-style encoder with CLS
+class ViTAttention(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.h = h
+        self.scale = (d // h) ** -0.5
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # timm style: q scaled first
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = ViTAttention(d, h)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Pre-LN ViT: conv patch embedding, CLS token, learned position embedding."""
+
+    def __init__(self, img=32, patch=8, d=48, h=4, layers=2, classes=10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, patch, patch)
+        n = (img // patch) ** 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.5 + 0.3)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, d) * 0.5 + 0.1)
+        self.blocks = nn.ModuleList(ViTBlock(d, h) for _ in range(layers))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def tiny_vit(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    m = TinyViT(**kw).eval()
+    _randomize_norms(m)
+    return m, (torch.randn(2, 3, 32, 32),)
+
+
+# ---------------------------------------------------------------- Post-LN encoder (BERT-like)
+class PostLNLayer(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, h, batch_first=True)
+        self.ln1 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+        self.ln2 = nn.LayerNorm(d)
+
+    def forward(self, x, pad_mask=None):
+        a, _ = self.attn(x, x, x, key_padding_mask=pad_mask)
+        x = self.ln1(x + a)
+        return self.ln2(x + self.ff(x))
+
+
+class PostLNEncoder(nn.Module):
+    def __init__(self, vocab=97, d=48, h=4, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(PostLNLayer(d, h) for _ in range(layers))
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def post_ln_encoder(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    m = PostLNEncoder(**kw).eval()
+    _randomize_norms(m)
+    return m, (torch.randint(0, 97, (2, 9)),)
+
+
+# ---------------------------------------------------------------- hand-written attention styles
+class AttentionStyles(nn.Module):
+    """One projection, many ways of writing the same softmax attention.
+
+    Each style below is a way we have seen attention written in real code.
+    """
+
+    STYLES = ("matmul_mul", "div_sqrt", "bmm_3d", "baddbmm_bias", "upcast_fp32", "additive_mask",
+              "where_mask", "einsum_free_permute", "pre_scaled_qk", "tensor_scale")
+
+    def __init__(self, style: str, d=32, h=4, T=10):
+        super().__init__()
+        if style not in self.STYLES:
+            raise ValueError(style)
+        self.style, self.h, self.d = style, h, d
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.rel_bias = nn.Parameter(torch.randn(h, T, T) * 0.1)
+        self.register_buffer("causal", torch.tril(torch.ones(T, T, dtype=torch.bool)))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        H, Dh = self.h, C // self.h
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, T, H, Dh).transpose(1, 2) for t in (q, k, v))
+        s = self.style
+        if s == "matmul_mul":
+            p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * Dh ** -0.5, dim=-1)
+            y = torch.matmul(p, v)
+        elif s == "div_sqrt":
+            p = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).softmax(-1)
+            y = p @ v
+        elif s == "bmm_3d":
+            q3, k3, v3 = (t.reshape(B * H, T, Dh) for t in (q, k, v))
+            p = F.softmax(torch.bmm(q3, k3.transpose(1, 2)) / math.sqrt(Dh), dim=-1)
+            y = torch.bmm(p, v3).view(B, H, T, Dh)
+        elif s == "baddbmm_bias":
+            q3, k3, v3 = (t.reshape(B * H, T, Dh) for t in (q, k, v))
+            bias = self.rel_bias[:, :T, :T].repeat(B, 1, 1)
+            p = F.softmax(torch.baddbmm(bias, q3 * Dh ** -0.5, k3.transpose(1, 2)), dim=-1)
+            y = torch.bmm(p, v3).view(B, H, T, Dh)
+        elif s == "upcast_fp32":
+            w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(Dh)
+            w = torch.where(self.causal[:T, :T], w, torch.finfo(w.dtype).min)
+            p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            y = p @ v
+        elif s == "additive_mask":
+            mask = torch.zeros(T, T).masked_fill(~self.causal[:T, :T], float("-inf"))
+            p = F.softmax(q @ k.transpose(-2, -1) * Dh ** -0.5 + mask, dim=-1)
+            y = p @ v
+        elif s == "where_mask":
+            w = q @ k.transpose(-2, -1) * Dh ** -0.5
+            w = torch.where(self.causal[:T, :T], w, torch.full([], float("-inf")))
+            y = w.softmax(-1) @ v
+        elif s == "einsum_free_permute":
+            kt = k.permute(0, 1, 3, 2)
+            y = torch.softmax(q @ kt * Dh ** -0.5 + self.rel_bias[:, :T, :T], -1) @ v
+        elif s == "pre_scaled_qk":
+            c = Dh ** -0.25
+            y = torch.softmax((q * c) @ (k * c).transpose(-2, -1), -1) @ v
+        else:  # tensor_scale: GPT-2 style division by a 0-d tensor
+            w = q @ k.transpose(-1, -2)
+            w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)
+            y = torch.softmax(w, -1).type(v.dtype) @ v
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def attention_style(style: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AttentionStyles(style).eval(), (torch.randn(2, 10, 32),)
+
+
+class RMSNormStyles(nn.Module):
+    """Decomposed RMSNorm as written in Llama, Gemma, T5 and by hand."""
+
+    STYLES = ("llama", "gemma", "t5", "by_hand_div", "nn_rmsnorm")
+
+    def __init__(self, style: str, d=32):
+        super().__init__()
+        self.style = style
+        self.weight = nn.Parameter(torch.randn(d) * 0.1 + (0.0 if style == "gemma" else 1.0))
+        self.lin = nn.Linear(d, d)
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+
+    def forward(self, x):
+        x = self.lin(x)
+        s, eps = self.style, 1e-6
+        if s == "llama":
+            dt = x.dtype
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            return self.weight * h.to(dt)
+        if s == "gemma":
+            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            return (out * (1.0 + self.weight.float())).type_as(x)
+        if s == "t5":
+            var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return self.weight * (x * torch.rsqrt(var + eps))
+        if s == "by_hand_div":
+            return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * self.weight
+        return self.norm(x)
+
+
+def rms_norm_style(style: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return RMSNormStyles(style).eval().to(dtype), (torch.randn(2, 7, 32, dtype=dtype),)
+
+
+def _randomize_norms(m: nn.Module) -> None:
+    """Non-trivial norm gains and biases, so a conversion that drops them shows."""
+    g = torch.Generator().manual_seed(1)
+    for mod in m.modules():
+        if isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+            with torch.no_grad():
+                mod.weight.copy_(1 + 0.2 * torch.randn(mod.weight.shape, generator=g))
+                mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
