@@ -193,9 +193,18 @@ def _freeze(x):
     return x
 
 
+def _keep(n: fx.Node) -> bool:
+    if n.op == "call_module":  # export's input guards
+        return True
+    try:  # random ops are pure here: an unused dropout or SDPA computes nothing we need
+        return n.is_impure(impure_random=False)
+    except TypeError:  # torch without the flag
+        return n.is_impure() and not (n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default)
+
+
 def dead_code_elimination(gm: fx.GraphModule) -> None:
-    """DCE that keeps module calls (export's input guards) and impure ops."""
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.op == "call_module")
+    """DCE that keeps module calls (export's input guards) and side effects."""
+    gm.graph.eliminate_dead_code(is_impure_node=_keep)
     gm.recompile()
 
 

@@ -88,7 +88,17 @@ def _pre_rmsnorm(ctx: PassContext) -> list[Rewrite]:
 def _norm_ops(ctx: PassContext) -> list[Rewrite]:
     from .norms import NORM_OP_RULES
 
-    return apply_rules(NORM_OP_RULES, ctx.gm, ctx.method, ctx.report, "norm_ops", ctx.claimed)
+    done = apply_rules(NORM_OP_RULES, ctx.gm, ctx.method, ctx.report, "norm_ops", ctx.claimed)
+    seen = {s.node for s in ctx.report.sites}
+    for n in ctx.gm.graph.nodes:  # norms no rule could take, e.g. over several trailing dims
+        if n.op == "call_function" and n.target in (torch.ops.aten.layer_norm.default, torch.ops.aten.rms_norm.default) \
+                and n not in ctx.claimed and n.name not in seen and n.users:
+            dims = len(n.args[1])
+            ctx.report.add(Site(module_path(n), "layer_norm" if "layer" in str(n.target) else "rms_norm",
+                                "rewriter." + ("layer_norm" if "layer" in str(n.target) else "rms_norm"),
+                                pass_name="norm_ops", node=n.name).refuse(
+                f"normalises over {dims} trailing dims; rewriter norms cover the last dim only"))
+    return done
 
 
 def exact_passes(norm: str | None = "auto") -> list[Pass]:

@@ -95,7 +95,8 @@ class Rule:
             traced = _trace(self, method, tuple(sorted(variant.items())))
             if traced[2] <= graph_ops:
                 out.append((variant, traced[0], traced[1]))
-        return out
+        # largest patterns first: a variant that is part of another must not take its nodes
+        return sorted(out, key=lambda t: -len(t[2].nodes))
 
 
 def _op_name(target) -> str:
@@ -185,7 +186,7 @@ def apply_rules(
                 with gm.graph.inserting_before(out.next):
                     new = rule.rewrite(m, gm)
                 out.replace_all_uses_with(new)
-                claimed |= inner | {new}
+                claimed |= inner
                 site_of[new] = site
                 done.append(Rewrite(site, out, new))
     for site in refused.values():

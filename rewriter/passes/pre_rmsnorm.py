@@ -93,8 +93,8 @@ def _find_streams(graph: fx.Graph, claimed: set) -> list[_Stream]:
         s = _Stream()
         _collect(x, _channels(x), s, {})
         s.norms.append(ln)
-        for other in list(streams):  # merge streams that share a node
-            if other.adds & s.adds or other.leaves & s.leaves & {x}:
+        for other in list(streams):  # LayerNorms reading the same sums or writers share a stream
+            if (other.adds | other.leaves) & (s.adds | s.leaves):
                 s.adds |= other.adds
                 s.leaves |= other.leaves
                 s.norms = other.norms + s.norms
@@ -137,7 +137,7 @@ def _writer_edits(leaf: fx.Node, gm: fx.GraphModule, stream: _Stream) -> tuple[l
             a = args_of(node)
             if c != 1 or a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
                 return [], "addmm writer with scaling or a non-channel dim"
-            return [_Edit(node, a["mat2"], 1), _Edit(node, a["input"], val(a["input"]).dim() - 1)], None
+            return [_Edit([node], a["mat2"], 1), _Edit([node], a["input"], val(a["input"]).dim() - 1)], None
         if t in (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default):
             a = args_of(node)
             if c != 1 or a.get("groups", 1) != 1:
@@ -211,7 +211,7 @@ def _plan(stream: _Stream, gm: fx.GraphModule) -> tuple[list[_Edit], str | None]
             return [], (f"the stream is written by a LayerNorm output ({module_path(leaf)}): Post-LN, "
                         "whose norms see a stream that is not re-centrable")
     for leaf in stream.leaves:
-        outside = [u for u in leaf.users if u not in stream.adds]
+        outside = [u for u in leaf.users if u not in stream.adds and u not in stream.norms]
         if outside:
             return [], (f"a writer's output ({module_path(leaf)}) is also read outside the stream, "
                         f"by {module_path(outside[0])}: the stream is read raw")
@@ -283,7 +283,7 @@ def convert(ctx) -> list:
                 new = call(gm.graph, RMS, (a["input"], a["weight"], a["bias"], float(a["eps"]), 0.0), like=ln)
             ln.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
             ctx.claimed |= {ln, new}
-            norm_site = ctx.report.add(Site(module_path(ln), "layer_norm", "rewriter.rms_norm (Pre-RMSNorm)",
+            norm_site = ctx.report.add(Site(module_path(ln), "layer_norm", "rewriter.rms_norm",
                                             pass_name="pre_rmsnorm", node=ln.name))
             done.append(Rewrite(norm_site, ln, new, group=group))
     gm.recompile()

@@ -1,0 +1,113 @@
+"""The `rewriter` command line: optimise a model from a `file.py:factory` and report.
+
+Exit codes: 0 success, 1 a verification failed, 2 usage or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  rewriter optimize examples/nanogpt.py:build
+  rewriter optimize examples/nanogpt.py:build --norm keep --json
+  rewriter optimize mypkg.models:make_model --save out.pt2 --report report.json
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_factory(spec: str):
+    """`path/to/file.py:factory` or `package.module:factory` → (model, example_inputs)."""
+    if ":" not in spec:
+        raise UsageError(f"MODEL must look like path/to/file.py:factory or package.module:factory, got {spec!r}")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"no such file: {where}")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            mod_spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise UsageError(f"cannot import {where}: {e}") from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"{where} has no callable {name!r}")
+    try:
+        out = factory()
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{spec} raised {type(e).__name__}: {e}") from e
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise UsageError(f"{spec} must return (model, example_inputs)")
+    model, inputs = out
+    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _optimize(args) -> int:
+    import torch
+
+    import rewriter
+
+    model, inputs = load_factory(args.model)
+    opt = rewriter.optimize(model, inputs, norm=args.norm)
+    report = opt.report
+    ok = report.verification.get("output", {}).get("ok") is not False
+    if args.save:
+        tmp = Path(args.save).with_suffix(".tmp.pt2")
+        torch.export.save(opt.export(*inputs), tmp)
+        tmp.replace(args.save)
+    if args.report:
+        Path(args.report).write_text(report.to_json(indent=2))
+    if args.json:
+        print(report.to_json(indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(report.table())
+        console.print(report.summary())
+        if args.save:
+            console.print(f"saved {args.save}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rewriter", description=__doc__.splitlines()[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("optimize", help="apply the exact rewrites, verify them, print the report",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="path/to/file.py:factory or package.module:factory returning (model, example_inputs)")
+    p.add_argument("--norm", default="auto", choices=["auto", "keep"], help="Pre-LN → Pre-RMSNorm conversion (default auto)")
+    p.add_argument("--save", help="write the rewritten program as .pt2")
+    p.add_argument("--report", help="write the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        return _optimize(args)
+    except UsageError as e:
+        print(f"rewriter: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        if args.debug:
+            raise
+        print(f"rewriter: error: {type(e).__name__}: {e}".splitlines()[0] + " (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""One comparison helper and one dtype → tolerance table for the whole suite."""
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+from rewriter.verify import TOLERANCE, error
+
+
+def rel_l2(actual, expected) -> float:
+    worst = 0.0
+    for a, e in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected)):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            worst = max(worst, error(a, e)["rel_l2"])
+    return worst
+
+
+def assert_close(actual, expected, dtype: torch.dtype = torch.float32, tol: float | None = None) -> None:
+    err = rel_l2(actual, expected)
+    limit = TOLERANCE[dtype] if tol is None else tol
+    assert err <= limit, f"relative L2 error {err:.3e} > {limit:.1e}"
+
+
+def targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def count(gm, target) -> int:
+    return sum(1 for t in targets(gm) if t == target)
+
+
+def run_both(model, opt, inputs):
+    with torch.no_grad():
+        return opt(*inputs), model(*inputs)
