@@ -185,16 +185,22 @@ def capture(
 
 def trace_pattern(fn, example_args: tuple, method: str) -> fx.Graph:
     """Trace a search pattern through the same capture path as the model (DESIGN: patterns are code)."""
-
-    class Pattern(nn.Module):
-        def forward(self, *a):
-            return fn(*a)
+    names = [f"a{i}" for i in range(len(example_args))]
+    # symbolic_trace needs one named parameter per input (it cannot iterate over *args)
+    scope: dict[str, Any] = {"fn": fn}
+    exec(f"def forward(self, {', '.join(names)}):\n    return fn({', '.join(names)})", scope)
+    Pattern = type("Pattern", (nn.Module,), {"forward": scope["forward"]})
 
     if method == "export":
         ep = torch.export.export(Pattern(), tuple(example_args), strict=False)
-        from .graph import remove_identities, strip_export_plumbing
+        from .graph import remove_identities, spell_out_arguments, strip_export_plumbing
 
         strip_export_plumbing(ep.graph_module.graph)
+        spell_out_arguments(ep.graph_module.graph)
         remove_identities(ep.graph_module.graph)
         return ep.graph_module.graph
-    return _InlineTracer().trace(Pattern())
+    from .graph import spell_out_arguments
+
+    graph = _InlineTracer().trace(Pattern())
+    spell_out_arguments(graph)
+    return graph

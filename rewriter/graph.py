@@ -18,7 +18,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "val", "module_path", "call", "same_size", "param", "set_param", "add_param",
-    "strip_export_plumbing", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
+    "strip_export_plumbing", "spell_out_arguments", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
 ]
 
 
@@ -118,6 +118,29 @@ def add_param(gm: fx.GraphModule, base: str, value: torch.Tensor, like: fx.Node)
 
 
 _PLUMBING = {aten._assert_tensor_metadata.default}
+# ops whose calls are rewritten into one argument layout before matching
+_SPELL_OUT = {aten.scaled_dot_product_attention.default}
+
+
+def spell_out_arguments(graph: fx.Graph) -> int:
+    """Write every argument of the ops in `_SPELL_OUT` explicitly: positional arguments as
+    positional, keyword-only ones as keywords, defaults filled in.
+
+    torch.export drops defaults in some calls and spells them out in others; after this
+    one pattern matches every call whatever the spelling, and checks can read arguments
+    by position.
+    """
+    n = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _SPELL_OUT:
+            continue
+        schema = node.target._schema
+        given = {a.name: v for a, v in zip(schema.arguments, node.args)} | dict(node.kwargs)
+        full = {a.name: given.get(a.name, a.default_value if a.has_default_value() else None) for a in schema.arguments}
+        node.args = tuple(full[a.name] for a in schema.arguments if not a.kwarg_only)
+        node.kwargs = {a.name: full[a.name] for a in schema.arguments if a.kwarg_only}
+        n += 1
+    return n
 
 
 def strip_export_plumbing(graph: fx.Graph) -> int:
@@ -145,11 +168,20 @@ def _is_identity(node: fx.Node) -> bool:
             and src.dtype == out.dtype and src.device == out.device
             and node.kwargs.get("memory_format") in (None, torch.preserve_format)
         )
+    if t == aten.slice.Tensor:  # x[:, :] spelled out: start 0, end past the size, step 1
+        a = list(node.args) + [None] * (5 - len(node.args))
+        _, dim, start, end, step = a[:5]
+        src = val(node.args[0])
+        if not isinstance(src, torch.Tensor) or (step or 1) != 1 or (start or 0) != 0:
+            return False
+        size, end = src.shape[dim or 0], val(end)
+        return end is None or (isinstance(end, int) and end >= 2**62) or bool(statically_known_true(end >= size))
     return False
 
 
 def remove_identities(graph: fx.Graph) -> int:
-    """Bypass ops that compute nothing here: eval-mode dropout and casts to the same dtype."""
+    """Bypass ops that compute nothing here: eval-mode dropout, casts to the same dtype,
+    and full slices (`x[:, None]` plumbing), so patterns need not spell them."""
     n = 0
     for node in list(graph.nodes):
         if _is_identity(node):

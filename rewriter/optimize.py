@@ -15,9 +15,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .capture import Captured, capture
-from .graph import common_subexpressions, dead_code_elimination, remove_identities, strip_export_plumbing
+from .graph import (common_subexpressions, dead_code_elimination, remove_identities, spell_out_arguments,
+                    strip_export_plumbing)
 from .passes import PassContext, Rewrite, exact_passes
-from .report import ROLLED_BACK, RewriteReport
+from .report import APPLIED, ROLLED_BACK, RewriteReport
 from .verify import compare_outputs, error, flat_inputs, record, within_tolerance
 
 __all__ = ["optimize", "OptimizedModule", "rewrite_captured"]
@@ -32,6 +33,9 @@ def _verify_sites(gm: fx.GraphModule, rewrites: list[Rewrite], flat: list) -> No
     for rw in rewrites:
         new, old = values.get(rw.new), values.get(rw.old)
         if not (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)):
+            _roll_back([rw], "the replacement could not be compared with the original (no tensor value)")
+            if rw.group is not None:
+                failed_groups[id(rw.group)] = rw.group
             continue
         err = error(new, old)
         prev = rw.site.error
@@ -53,10 +57,19 @@ def _roll_back(rewrites: list[Rewrite], reason: str) -> None:
         rw.site.roll_back(reason)
 
 
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` to restore if the rewritten whole fails (keeps export's pytree codegen)."""
+    new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    new._codegen = copy.deepcopy(graph._codegen)
+    new.output(new.graph_copy(graph, {}))
+    return new
+
+
 def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], verify: bool = True) -> tuple[fx.GraphModule, RewriteReport]:
     """Run the exact pipeline on a captured graph; verify every site and the outputs."""
     gm = cap.module
     strip_export_plumbing(gm.graph)
+    spell_out_arguments(gm.graph)
     remove_identities(gm.graph)
     common_subexpressions(gm.graph)
     dead_code_elimination(gm)  # dead reads (e.g. unused attention weights) would hide sites
@@ -66,6 +79,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     with torch.no_grad():
         expected = model(*args, **kwargs) if verify else None
     ctx = PassContext(gm, cap.method, report, dict(options))
+    untouched = _copy_graph(gm.graph)
     done: list[Rewrite] = []
     for p in exact_passes(options.get("norm", "auto")):
         rewrites = p.run(ctx)
@@ -74,14 +88,16 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
             _verify_sites(gm, rewrites, flat)
         report.passes[p.name] = sum(1 for rw in rewrites if rw.site.status != ROLLED_BACK)
         done.extend(rewrites)
+        dead_code_elimination(gm)  # replaced nodes go: the next pass sees one clean graph
     if verify:
         with torch.no_grad():
             result = compare_outputs(gm(*args, **kwargs), expected)
-        if not result["ok"]:
-            live = [rw for rw in done if rw.site.status != ROLLED_BACK]
-            _roll_back(live, f"model output differed (rel_l2 {result['rel_l2']:.2e}) with every site applied")
-            for g in {id(rw.group): rw.group for rw in live if rw.group is not None}.values():
-                g.undo()
+        if not result["ok"]:  # every site held on its own but not together: keep none
+            changed = [rw.site for rw in done] + [rw.group.site for rw in done if rw.group is not None]
+            for site in dict.fromkeys(changed):
+                if site.status == APPLIED:
+                    site.roll_back(f"model output differed (rel_l2 {result['rel_l2']:.2e}) with every site applied")
+            gm.graph = untouched
             gm.recompile()
             with torch.no_grad():
                 result = compare_outputs(gm(*args, **kwargs), expected)

@@ -1,7 +1,8 @@
 """The rewrite pipelines: one ordered list each, nothing registered at import time.
 
 A pass takes a PassContext and returns the Rewrites it made (each with its report Site);
-the optimizer verifies them and rolls back the ones that do not hold.
+the optimizer verifies them, rolls back the ones that do not hold, and removes the
+replaced nodes before the next pass runs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class PassContext:
     report: RewriteReport
     options: dict[str, Any] = field(default_factory=dict)
     claimed: set[fx.Node] = field(default_factory=set)  # nodes a rewrite already replaced
+    site_of: dict[fx.Node, Site] = field(default_factory=dict)  # node -> the site it stands for
 
 
 @dataclass
@@ -34,16 +36,21 @@ class Pass:
 
 
 def _canonical_attention(ctx: PassContext) -> list[Rewrite]:
-    from .attention import ATTENTION_RULES, GQA_RULES, SDPA
+    from .attention import ATTENTION_RULES, SDPA
 
-    before = {n for n in ctx.gm.graph.nodes if n.op == "call_function" and n.target == SDPA}
-    done = apply_rules(ATTENTION_RULES + GQA_RULES, ctx.gm, ctx.method, ctx.report, "canonical_attention", ctx.claimed)
-    replaced = {rw.old for rw in done}
-    for n in before - replaced:
-        ctx.report.add(Site(module_path(n), "attention", "sdpa", reason="already scaled_dot_product_attention",
-                            pass_name="canonical_attention", node=n.name))
+    before = [n for n in ctx.gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
+    done = apply_rules(ATTENTION_RULES, ctx.gm, ctx.method, ctx.report, "canonical_attention", ctx.claimed, ctx.site_of)
+    for n in before:
+        ctx.site_of[n] = ctx.report.add(Site(module_path(n), "attention", "sdpa", reason="already scaled_dot_product_attention",
+                                             pass_name="canonical_attention", node=n.name))
     _report_unmatched_softmax(ctx)
     return done
+
+
+def _gqa_fold(ctx: PassContext) -> list[Rewrite]:
+    from .attention import GQA_RULES
+
+    return apply_rules(GQA_RULES, ctx.gm, ctx.method, ctx.report, "gqa_fold", ctx.claimed, ctx.site_of)
 
 
 def _report_unmatched_softmax(ctx: PassContext) -> None:
@@ -104,7 +111,8 @@ def _norm_ops(ctx: PassContext) -> list[Rewrite]:
 def exact_passes(norm: str | None = "auto") -> list[Pass]:
     """The exact pipeline, in order. norm: "auto" (Pre-RMSNorm where provable), "crms"
     (Pre-CRMSNorm), or None / "keep" (no residual-stream conversion)."""
-    passes = [Pass("canonical_attention", _canonical_attention), Pass("rms_norm_fusion", _rms_norm_fusion)]
+    passes = [Pass("canonical_attention", _canonical_attention), Pass("gqa_fold", _gqa_fold),
+              Pass("rms_norm_fusion", _rms_norm_fusion)]
     if norm in ("auto", "rms", "crms"):
         passes.append(Pass("pre_rmsnorm", _pre_rmsnorm))
     passes.append(Pass("norm_ops", _norm_ops))

@@ -153,16 +153,17 @@ def _placeholder_names(graph: fx.Graph, names: list[str]) -> dict[fx.Node, str]:
 
 def apply_rules(
     rules: list[Rule], gm: fx.GraphModule, method: str, report: RewriteReport, pass_name: str,
-    claimed: set[fx.Node] | None = None,
+    claimed: set[fx.Node] | None = None, site_of: dict[fx.Node, Site] | None = None,
 ) -> list[Rewrite]:
     """Run `rules` in order over `gm`; record every site in `report`; return what changed.
 
     Replaced nodes stay in the graph (unused) until verification, so each site can be
-    compared with what it replaced on the same inputs and undone on its own.
+    compared with what it replaced on the same inputs and undone on its own. A rule that
+    `extends` completes the site recorded in `site_of` for a node it matches.
     """
     done: list[Rewrite] = []
     refused: dict[fx.Node, Site] = {}
-    site_of: dict[fx.Node, Site] = {}  # replacement node -> its site, for rules that extend one
+    site_of = {} if site_of is None else site_of  # node -> the site it stands for, for rules that extend one
     claimed = set() if claimed is None else claimed
     for rule in rules:
         for variant, names, pattern in rule.patterns(method, op_targets(gm.graph)):
@@ -176,7 +177,7 @@ def apply_rules(
                 if out in refused:
                     continue
                 m = Match({ph[p]: im.nodes_map[p] for p in ph if p in im.nodes_map}, dict(im.nodes_map), out, variant)
-                extended = next((site_of[n] for n in inner if n in site_of), None) if rule.extends else None
+                extended = next((site_of[n] for n in [out, *inner] if n in site_of), None) if rule.extends else None
                 site = extended or Site(module_path(out), rule.kind, rule.action, pass_name=pass_name, node=out.name)
                 reason = rule.check(m)
                 if reason:

@@ -179,6 +179,11 @@ def _key_of(kt: fx.Node, graph: fx.Graph) -> fx.Node:
     return call(graph, aten.transpose.int, (kt, -2, -1), like=kt)
 
 
+def sdpa(g: fx.Graph, q, k, v, mask=None, *, scale=None, is_causal=False, enable_gqa=False, like=None) -> fx.Node:
+    """An SDPA node with every argument spelled out (see graph.spell_out_arguments)."""
+    return call(g, SDPA, (q, k, v, mask, 0.0, is_causal), {"scale": scale, "enable_gqa": enable_gqa}, like=like)
+
+
 def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
     g = gm.graph
     q, kt, v = m.inputs["q"], m.inputs["kt"], m.inputs["v"]
@@ -220,7 +225,7 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
                 mask = call(g, aten.masked_fill.Scalar, (zeros, call(g, aten.logical_not.default, (keep,), like=m.output), fill), like=m.output)
             if val(mask).dtype != dtype:
                 mask = call(g, aten.to.dtype, (mask, dtype), like=m.output)
-    out = call(g, SDPA, (q, k, v, mask, 0.0, False), {"scale": scale}, like=m.output)
+    out = sdpa(g, q, k, v, mask, scale=scale, like=m.output)
     want = val(m.output).dtype
     return out if val(out).dtype == want else call(g, aten.to.dtype, (out, want), like=m.output)
 
@@ -238,8 +243,9 @@ def _repeat_kv(x, n_rep: int = 2):
     return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def _gqa(q, k, v, mask):
-    return SDPA(q, _repeat_kv(k), _repeat_kv(v), mask, 0.0, False, scale=0.5)
+def _gqa(q, k, v, mask, *, masked: bool):
+    # is_causal, scale and enable_gqa are literals: wildcards to the matcher, read by the check
+    return SDPA(q, _repeat_kv(k), _repeat_kv(v), mask if masked else None, 0.0, False, scale=0.5)
 
 
 def _gqa_inputs(variant):
@@ -256,6 +262,8 @@ def _check_gqa(m: Match) -> str | None:
     a = args_of(sd)
     if a.get("enable_gqa"):
         return "already grouped"
+    if a.get("dropout_p"):
+        return "attention dropout is active (a training-mode graph)"
     k, v, q = val(m.inputs["k"]), val(m.inputs["v"]), val(m.inputs["q"])
     if k.dim() != 4 or k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
         return "K/V heads do not divide the query heads"
@@ -270,10 +278,11 @@ def _check_gqa(m: Match) -> str | None:
 
 def _rewrite_gqa(m: Match, gm: fx.GraphModule) -> fx.Node:
     a = args_of(m.output)
-    return call(gm.graph, SDPA, (m.inputs["q"], m.inputs["k"], m.inputs["v"], a["attn_mask"], a["dropout_p"], a["is_causal"]),
-                {"scale": a["scale"], "enable_gqa": True}, like=m.output)
+    return sdpa(gm.graph, m.inputs["q"], m.inputs["k"], m.inputs["v"], a.get("attn_mask"), scale=a.get("scale"),
+                is_causal=bool(a.get("is_causal")), enable_gqa=True, like=m.output)
 
 
 GQA_RULES = [
-    Rule("gqa_fold", "attention", "sdpa", _gqa, _gqa_inputs, _check_gqa, _rewrite_gqa, extends=True),
+    Rule("gqa_fold", "attention", "sdpa", _gqa, _gqa_inputs, _check_gqa, _rewrite_gqa,
+         variants={"masked": [True, False]}, extends=True),
 ]

@@ -117,12 +117,14 @@ def _rewrite_rms_gain(m: Match, gm) -> torch.fx.Node:
 
 # --- existing norm ops → rewriter ops ---------------------------------------------------
 
+# the normalized shape is a literal (a wildcard to the matcher; the check reads it), so
+# the same pattern matches export graphs and symbolic_trace graphs of nn.LayerNorm
 def _layer_norm(x, w, b):
-    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+    return F.layer_norm(x, (D,), w, b, 1e-5)
 
 
 def _rms_norm_op(x, w):
-    return F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+    return F.rms_norm(x, (D,), w, 1e-6)
 
 
 def _check_norm_op(m: Match) -> str | None:

@@ -13,13 +13,14 @@ def rms_norm(
 ) -> torch.Tensor:
     """y = x / sqrt(mean(x², -1) + eps) * (weight + weight_offset) + bias.
 
-    x: [..., D]; weight, bias: [D] or None. Accumulates in fp32, returns x.dtype.
-    `weight_offset=1.0` is the `(1 + w)` scaling of Gemma-style norms.
+    x: [..., D]; weight, bias: [D] or None. Accumulates in at least fp32 (fp64 stays
+    fp64), returns x.dtype. `weight_offset=1.0` is the `(1 + w)` scaling of Gemma norms.
     """
-    xf = x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * (weight.float() + weight_offset) if weight_offset else y * weight.float()
+        y = y * (weight.to(acc) + weight_offset) if weight_offset else y * weight.to(acc)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype)
