@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("optimize", help="apply the exact rewrites, verify them, print the report",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="path/to/file.py:factory or package.module:factory returning (model, example_inputs)")
-    p.add_argument("--norm", default="auto", choices=["auto", "keep"], help="Pre-LN → Pre-RMSNorm conversion (default auto)")
+    p.add_argument("--norm", default="auto", choices=["auto", "crms", "keep"],
+                   help="auto: Pre-LN → Pre-RMSNorm where provably exact; crms: Pre-CRMSNorm (D-1 stream); keep")
     p.add_argument("--save", help="write the rewritten program as .pt2")
     p.add_argument("--report", help="write the report as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -48,3 +48,11 @@ def test_llama_rms_norms_and_grouped_attention(impl):
     assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa") for n in sdpa)  # repeat_kv folded
     assert not any(n.target == aten.expand.default and len(n.args[1]) == 5 for n in gm.graph.nodes)
     assert_close(*run_both(model, opt, x))
+
+
+def test_gpt2_pre_crmsnorm():
+    model, x = hf.BUILDERS["gpt2"](attn_implementation="eager")
+    opt = rewriter.optimize(model, x, norm="crms")
+    assert opt.report.count("residual_stream", "applied", action="pre_crmsnorm") == 1
+    assert count(opt.graph_module, torch.ops.rewriter.crms_norm.default) == 5
+    assert_close(*run_both(model, opt, x))

@@ -13,9 +13,10 @@ import importlib
 import torch
 
 from .layer_norm.naive import layer_norm as _layer_norm_ref
+from .rms_norm.naive import crms_norm as _crms_norm_ref
 from .rms_norm.naive import rms_norm as _rms_norm_ref
 
-__all__ = ["rms_norm", "layer_norm", "triton_impl"]
+__all__ = ["rms_norm", "crms_norm", "layer_norm", "triton_impl"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,6 +52,17 @@ def rms_norm(
 @rms_norm.register_fake
 def _(x, weight, bias, eps, weight_offset=0.0):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("rewriter::crms_norm", mutates_args=())
+def crms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of a zero-mean stream stored in D-1 channels: [..., D-1] -> [..., D]."""
+    return _dispatch("crms_norm", _crms_norm_ref, x, weight, bias, eps)
+
+
+@crms_norm.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] + 1))
 
 
 @torch.library.custom_op("rewriter::layer_norm", mutates_args=())
@@ -92,4 +104,5 @@ def _backward_through(reference):
 
 
 rms_norm.register_autograd(_backward_through(_rms_norm_ref), setup_context=_setup_context)
+crms_norm.register_autograd(_backward_through(_crms_norm_ref), setup_context=_setup_context)
 layer_norm.register_autograd(_backward_through(_layer_norm_ref), setup_context=_setup_context)

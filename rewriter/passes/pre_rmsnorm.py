@@ -29,6 +29,7 @@ from ._rules import Rewrite
 
 aten = torch.ops.aten
 RMS = torch.ops.rewriter.rms_norm.default
+CRMS = torch.ops.rewriter.crms_norm.default
 
 __all__ = ["convert"]
 
@@ -257,12 +258,46 @@ def _location(norms: list[fx.Node]) -> str:
     return ".".join(common) or "<root>"
 
 
+def _compressed(stream: _Stream, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """A D−1-channel copy of the (re-centred) stream: each writer's output sliced to its
+    first D−1 channels, each stream sum recomputed on the slices.
+
+    The full-width stream stays in place for the LayerNorms kept for verification; once
+    they are verified and removed, nothing reads it and it goes with them.
+    """
+    comp: dict[fx.Node, fx.Node] = {}
+
+    def sliced(n: fx.Node, before: fx.Node) -> fx.Node:
+        if n not in comp:
+            width = val(n).shape[-1]
+            with graph.inserting_before(before):  # a per-token constant (width 1) broadcasts as is
+                comp[n] = n if width == 1 else call(graph, aten.slice.Tensor, (n, -1, 0, width - 1), like=n)
+        return comp[n]
+
+    for n in list(graph.nodes):
+        if n in stream.adds:  # its inputs are earlier sums (already compressed) or writers
+            args = fx.node.map_arg(n.args, lambda a: comp[a] if a in stream.adds else sliced(a, n))
+            with graph.inserting_before(n):
+                comp[n] = call(graph, n.target, args, dict(n.kwargs), like=n)
+    for ln in stream.norms:
+        x = ln.args[0]
+        if x not in comp:
+            sliced(x, ln)
+    return comp
+
+
 def convert(ctx) -> list:
-    """Convert every provable Pre-LN residual stream; refuse the others with a reason."""
+    """Convert every provable Pre-LN residual stream; refuse the others with a reason.
+
+    ctx.options["norm"] == "crms" gives Pre-CRMSNorm: the stream itself is stored in D−1
+    channels and each LayerNorm becomes `rewriter::crms_norm`.
+    """
     gm = ctx.gm
+    compress = ctx.options.get("norm") == "crms"
+    action = "pre_crmsnorm" if compress else "pre_rmsnorm"
     done: list[Rewrite] = []
     for stream in _find_streams(gm.graph, ctx.claimed):
-        site = ctx.report.add(Site(_location(stream.norms), "residual_stream", "pre_rmsnorm",
+        site = ctx.report.add(Site(_location(stream.norms), "residual_stream", action,
                                    pass_name="pre_rmsnorm", node=stream.norms[0].name))
         edits, reason = _plan(stream, gm)
         if reason:
@@ -277,13 +312,17 @@ def convert(ctx) -> list:
             for reader in e.readers:
                 reader.replace_input_with(e.attr, centred[e.attr.target])
                 group.rewired.append((reader, centred[e.attr.target], e.attr))
+        comp = _compressed(stream, gm.graph) if compress else {}
         for ln in stream.norms:
             a = args_of(ln)
             with gm.graph.inserting_after(ln):
-                new = call(gm.graph, RMS, (a["input"], a["weight"], a["bias"], float(a["eps"]), 0.0), like=ln)
+                if compress:
+                    new = call(gm.graph, CRMS, (comp[a["input"]], a["weight"], a["bias"], float(a["eps"])), like=ln)
+                else:
+                    new = call(gm.graph, RMS, (a["input"], a["weight"], a["bias"], float(a["eps"]), 0.0), like=ln)
             ln.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
             ctx.claimed |= {ln, new}
-            norm_site = ctx.report.add(Site(module_path(ln), "layer_norm", "rewriter.rms_norm",
+            norm_site = ctx.report.add(Site(module_path(ln), "layer_norm", "rewriter." + ("crms_norm" if compress else "rms_norm"),
                                             pass_name="pre_rmsnorm", node=ln.name))
             done.append(Rewrite(norm_site, ln, new, group=group))
     gm.recompile()

@@ -25,16 +25,38 @@ def test_layer_norm_reference(shape):
     assert_close(torch.ops.rewriter.layer_norm(x, w, b, 1e-5), F.layer_norm(x, (shape[-1],), w, b, 1e-5), tol=0.0)
 
 
-@pytest.mark.parametrize("op,args", [
-    ("rms_norm", lambda x, w, b: (x, w, b, 1e-6, 0.0)),
-    ("rms_norm", lambda x, w, b: (x, None, None, 1e-6, 0.0)),
-    ("layer_norm", lambda x, w, b: (x, w, b, 1e-5)),
+@pytest.mark.parametrize("op,with_affine,extra", [
+    ("rms_norm", True, (1e-6, 0.5)),
+    ("rms_norm", False, (1e-6, 0.0)),
+    ("layer_norm", True, (1e-5,)),
 ])
-def test_ops_pass_opcheck_and_gradcheck(op, args):
+def test_ops_pass_opcheck_and_gradcheck(op, with_affine, extra):
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     fn = getattr(torch.ops.rewriter, op)
-    torch.library.opcheck(fn.default, args(x, w, b))
-    used = [t for t in args(x, w, b) if isinstance(t, torch.Tensor)]
-    assert torch.autograd.gradcheck(lambda *t: fn(*args(*t, *[None] * (3 - len(t)))) if len(t) < 3 else fn(*args(*t)), tuple(used))
+    if with_affine:
+        torch.library.opcheck(fn.default, (x, w, b, *extra))
+        assert torch.autograd.gradcheck(lambda *t: fn(*t, *extra), (x, w, b))
+    else:
+        torch.library.opcheck(fn.default, (x, None, None, *extra))
+        assert torch.autograd.gradcheck(lambda t: fn(t, None, None, *extra), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector(dtype):
+    full = torch.randn(3, 5, 257, dtype=torch.float64)
+    full = (full - full.mean(-1, keepdim=True)).to(dtype)
+    w, b = torch.randn(257, dtype=dtype), torch.randn(257, dtype=dtype)
+    got = torch.ops.rewriter.crms_norm(full[..., :-1], w, b, 1e-6)
+    want = torch.ops.rewriter.rms_norm(full.double(), w.double(), b.double(), 1e-6, 0.0)
+    assert got.shape == full.shape and got.dtype == dtype
+    assert_close(got, want.to(dtype), dtype=dtype)
+
+
+def test_crms_norm_opcheck_and_gradcheck():
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.rewriter.crms_norm.default, (x, w, b, 1e-6))
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.rewriter.crms_norm(*t, 1e-6), (x, w, b))

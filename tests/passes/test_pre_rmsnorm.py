@@ -124,3 +124,24 @@ def test_parallel_residual_branches_convert():
     opt = rewriter.optimize(model, x)
     assert _converted(opt) == 2
     assert_close(*run_both(model, opt, x))
+
+
+CRMS = torch.ops.rewriter.crms_norm.default
+
+
+@pytest.mark.parametrize("build", [own.nanogpt, own.tiny_vit], ids=["nanogpt", "vit"])
+def test_pre_crmsnorm_compresses_the_stream(build):
+    model, x = build()
+    opt = rewriter.optimize(model, x, norm="crms")
+    [stream] = opt.report.select(kind="residual_stream")
+    assert stream.status == "applied" and stream.action == "pre_crmsnorm"
+    assert opt.report.count("layer_norm", "applied", action="rewriter.crms_norm") == 5
+    gm = opt.graph_module
+    assert count(gm, CRMS) == 5 and count(gm, RMS) == 0 and count(gm, aten.layer_norm.default) == 0
+    d = 48
+    for n in gm.graph.nodes:  # every norm reads a D-1 stream
+        if n.target == CRMS:
+            assert n.args[0].meta["val"].shape[-1] == d - 1
+    assert_close(*run_both(model, opt, x))
+    ep = opt.export(*x)  # the compressed program still exports
+    assert any(n.target == CRMS for n in ep.graph.nodes)
