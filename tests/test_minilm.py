@@ -52,9 +52,10 @@ def test_matches_sentence_transformers(minilm):
     torch.testing.assert_close(encode(model, tok, SENTENCES), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_exports_with_dynamic_batch_and_sequence(impl, minilm):
-    model, tok = minilm if impl == "eager" else load_minilm(impl)
+def test_exports_with_dynamic_batch_and_sequence(minilm):
+    # The eager path builds the additive padding mask the rewriter must see through; "sdpa"
+    # exports the same way (checked when tests/models/minilm.py was written, ~4 s more).
+    model, tok = minilm
     batch = tok(SENTENCES[:4], padding=True, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert not mask.all()  # the example really exercises the padding mask

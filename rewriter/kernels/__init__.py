@@ -106,3 +106,5 @@ def _backward_through(reference):
 rms_norm.register_autograd(_backward_through(_rms_norm_ref), setup_context=_setup_context)
 crms_norm.register_autograd(_backward_through(_crms_norm_ref), setup_context=_setup_context)
 layer_norm.register_autograd(_backward_through(_layer_norm_ref), setup_context=_setup_context)
+
+from . import attention_ops  # noqa: E402,F401  (registers the approximate-attention ops)
