@@ -104,8 +104,29 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
         report.verification["output"] = result
     else:
         report.verification["output"] = {"ok": None, "reason": "verify=False"}
+    if options.get("attention"):
+        _approximate(model, gm, ctx, options, flat, args, kwargs, verify)
     dead_code_elimination(gm)
     return gm, report
+
+
+def _approximate(model, gm, ctx, options, flat, args, kwargs, verify: bool) -> None:
+    """The opt-in approximate attention rewrite, with its end-to-end error measured
+    (verify=False skips the measurements: they cost a full-attention forward each)."""
+    from .passes import approximate
+    from .passes.policy import Policy
+
+    policy = Policy.from_options(options.get("layers"), options.get("attention_options", {}))
+    rewrites = approximate.run(ctx, options["attention"], policy, flat, measure=verify)
+    ctx.report.passes[f"approximate:{options['attention']}"] = sum(1 for rw in rewrites if rw.site.status == APPLIED)
+    dead_code_elimination(gm)
+    if not verify:
+        ctx.report.verification["approximate_output"] = {"reason": "not measured: verify=False"}
+        return
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        result = compare_outputs(gm(*args, **kwargs), expected)
+    ctx.report.verification["approximate_output"] = {k: v for k, v in result.items() if k != "ok"}
 
 
 def _signature(args, kwargs) -> tuple:
@@ -203,7 +224,13 @@ def optimize(
     example_inputs: a tensor or tuple of positional inputs; None captures on the first call.
     norm: "auto" converts Pre-LN residual streams to Pre-RMSNorm where that is provably
       exact, "crms" to Pre-CRMSNorm, "keep" leaves LayerNorms as LayerNorms.
-    attention: an approximate attention rewrite (not available yet); None keeps attention exact.
+    attention: an approximate attention rewrite, off unless asked: "linear", "agent",
+      "sliding_window", "window2d" or "neighborhood". Each site's error and the model's
+      output error are measured on the example inputs and reported.
+    layers: which attention layers to rewrite ("all", indices, module-path globs, or a
+      callable(index, path)); with keep_first=k, keep_last=k, alternate=k in the options.
+    **attention_options: the form's parameters (e.g. window=256, sinks=4,
+      feature_map="focused"); a list gives one value per layer, a callable f(layer) computes it.
     verify: check every exact rewrite numerically on the example inputs (roll back failures).
     """
     if not isinstance(model, nn.Module):
@@ -211,11 +238,15 @@ def optimize(
     if norm not in ("auto", "crms", "keep", None):
         raise ValueError(f"norm must be 'auto', 'crms' or 'keep', not {norm!r}")
     if attention is not None:
-        raise NotImplementedError(
-            f"attention={attention!r}: approximate attention rewrites are not available in this version; "
-            "use attention=None for the exact rewrites"
-        )
-    options = {"norm": norm, "layers": layers, "dynamic": dynamic, **attention_options}
+        from .passes import approximate
+        from .passes.policy import Policy
+
+        approximate.check_options(approximate.form(attention), attention_options)
+        Policy.from_options(layers, attention_options)  # raises on a malformed policy now, not at first call
+    elif attention_options or layers is not None:
+        raise ValueError(f"options {sorted(attention_options) or ['layers']} need an approximate attention= form")
+    options = {"norm": norm, "layers": layers, "dynamic": dynamic, "attention": attention,
+               "attention_options": attention_options}
     opt = OptimizedModule(model, options, verify)
     if example_inputs is not None or example_kwargs:
         args = example_inputs if isinstance(example_inputs, tuple) else (() if example_inputs is None else (example_inputs,))

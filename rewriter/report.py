@@ -21,6 +21,7 @@ class Site:
     error: dict[str, float] = field(default_factory=dict)  # measured error of this site
     pass_name: str = ""
     node: str = ""  # graph node name, for debugging
+    params: dict[str, Any] = field(default_factory=dict)  # the parameters an approximate rewrite used
 
     def refuse(self, reason: str) -> "Site":
         self.status, self.reason = REFUSED, reason

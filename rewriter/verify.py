@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["TOLERANCE", "error", "within_tolerance", "flat_inputs", "record", "compare_outputs"]
+__all__ = ["TOLERANCE", "error", "cosine", "within_tolerance", "flat_inputs", "record", "compare_outputs"]
 
 # relative L2 error allowed for an exact rewrite, by dtype
 TOLERANCE = {
@@ -45,6 +45,12 @@ def error(actual: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
     }
 
 
+def cosine(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Mean cosine similarity of the last-dim vectors (e.g. per token and head), in fp64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return torch.nn.functional.cosine_similarity(a, e, dim=-1, eps=1e-12).mean().item()
+
+
 def within_tolerance(err: dict[str, float], dtype: torch.dtype) -> bool:
     return err["rel_l2"] <= TOLERANCE.get(dtype, 1e-5)
 
@@ -57,13 +63,17 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return list(args) + list(kwargs.values())
 
 
-def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node]) -> dict[fx.Node, Any]:
-    """Run the graph once and keep the values of `nodes` (every node runs, used or not)."""
+def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node], ancestors_only: bool = False) -> dict[fx.Node, Any]:
+    """Run the graph once and keep the values of `nodes` (every node runs, used or not;
+    with `ancestors_only`, only what `nodes` are computed from)."""
     wanted = set(nodes)
+    needed = _ancestors(wanted) if ancestors_only else None
     values: dict[fx.Node, Any] = {}
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
+            if needed is not None and n not in needed and n.op != "placeholder":
+                return None
             out = super().run_node(n)
             if n in wanted:
                 values[n] = out
@@ -72,6 +82,16 @@ def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node]) -> dic
     with torch.no_grad():
         _Recorder(gm, garbage_collect_values=True).run(*flat_args)
     return values
+
+
+def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _leaves(x) -> list[torch.Tensor]:

@@ -1,0 +1,100 @@
+"""What an attention mask means, so an approximate rewrite can carry it or refuse.
+
+The replacements understand two things: causality and a per-key padding mask. A
+canonical attention node's mask is read on the example inputs (its value) and in the
+graph (what it is computed from): it must be, on every valid query row, either
+`causal ∧ pad[key]` or `pad[key]`, the same for every head, with additive masks made of
+0 and large negatives only (not a position bias). A mask that depends on the inputs'
+values is carried at run time: the padding vector is its last query row (the row that,
+causal or not, sees every valid key).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graph import call, val
+from ._args import args_of
+
+aten = torch.ops.aten
+
+__all__ = ["MaskPlan", "plan_mask"]
+
+_MASKED = -1e4  # additive entries at or below this are "masked"; above it must be exactly 0
+
+
+@dataclass
+class MaskPlan:
+    causal: bool = False
+    carry: bool = False  # a key-padding mask must be computed from the mask at run time
+    reason: str | None = None
+
+
+def _reads_inputs(node: fx.Node) -> bool:
+    """Whether a tensor depends on a graph input's values (not only on shapes)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        stack.extend(a for a in n.all_input_nodes if isinstance(val(a), torch.Tensor))
+    return False
+
+
+def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
+    """Classify the mask of an SDPA node from its example value; a reason where it cannot be carried."""
+    a = args_of(sdpa)
+    nq, nk = val(a["query"]).shape[-2], val(a["key"]).shape[-2]
+    mask = a.get("attn_mask")
+    if a.get("dropout_p"):
+        return MaskPlan(reason="attention dropout is active (a training-mode graph)")
+    if mask is None:
+        if a.get("is_causal") and str(nq) != str(nk):
+            return MaskPlan(reason="causal attention with different query and key lengths")
+        return MaskPlan(causal=bool(a.get("is_causal")))
+    if a.get("is_causal"):
+        return MaskPlan(reason="both a mask and is_causal")
+    m = mask_value
+    if m is None:
+        return MaskPlan(reason="the mask's value could not be read on the example inputs")
+    if m.dtype != torch.bool:
+        bad = (m != 0) & (m > _MASKED)
+        if bad.any():
+            return MaskPlan(reason="the mask is an additive bias (e.g. a position bias), not a padding or causal mask")
+        m = m == 0
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    qn, kn = m.shape[-2], m.shape[-1]  # the example's sizes (qn is 1 when broadcast over queries)
+    if not torch.equal(m, m[:, :1].expand_as(m)):
+        return MaskPlan(reason="the mask differs between heads")
+    m = m[:, 0]  # [B, Nq, Nk]
+    pad = m[:, -1, :]  # [B, Nk]: the last query row sees every valid key
+    rows = torch.ones(m.shape[:2], dtype=torch.bool) if qn != kn else pad  # valid query rows
+    causal = qn == kn and not torch.equal(m, pad[:, None, :].expand_as(m))
+    want = pad[:, None, :].expand_as(m)
+    if causal:
+        want = want & torch.ones(qn, kn, dtype=torch.bool).tril()
+    if not torch.equal(m[rows], want[rows]):
+        return MaskPlan(reason="the mask is neither causal nor a key-padding mask (e.g. a block or local pattern)")
+    carry = not bool(pad.all()) or _reads_inputs(mask)
+    return MaskPlan(causal=causal, carry=carry)
+
+
+def key_mask_node(g: fx.Graph, sdpa: fx.Node) -> fx.Node:
+    """Insert nodes computing the bool key-padding mask [B, Nk] from the SDPA's mask."""
+    a = args_of(sdpa)
+    m = a["attn_mask"]
+    like = sdpa
+    for _ in range(4 - val(m).dim()):
+        m = call(g, aten.unsqueeze.default, (m, 0), like=like)
+    row = call(g, aten.select.int, (call(g, aten.select.int, (m, 1, 0), like=like), 1, -1), like=like)  # [B|1, Nk]
+    if val(row).dtype != torch.bool:
+        row = call(g, aten.gt.Scalar, (row, _MASKED), like=like)
+    q = a["query"]
+    b = call(g, aten.sym_size.int, (q, 0), like=like) if not isinstance(val(q).shape[0], int) else val(q).shape[0]
+    return call(g, aten.expand.default, (row, [b, -1]), like=like)
