@@ -1,0 +1,53 @@
+"""Each Triton kernel's search space, as data.
+
+A kernel's space lives beside it in `kernels/<op>/config.py` (no Triton import there):
+`SPACE = Space(...)`. This module collects them, so the tuner and the runtime read one
+table. `keep(config, shape)` rejects configs that cannot run on a shape before anything
+is compiled; `default(shape)` is the config used when the cache has no tuned entry.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Space", "space", "KERNELS"]
+
+
+@dataclass(frozen=True)
+class Space:
+    kernel: str
+    params: dict[str, list]  # parameter name -> its choices
+    keep: Callable[[dict[str, Any], dict[str, Any]], bool]  # (config, shape) -> runnable?
+    default: Callable[[dict[str, Any]], dict[str, Any]]  # shape -> config
+
+    def configs(self, shape: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every valid config for `shape` (the grid the exhaustive baseline runs)."""
+        names = list(self.params)
+        out = []
+        for combo in itertools.product(*(self.params[n] for n in names)):
+            config = dict(zip(names, combo))
+            if self.keep(config, shape):
+                out.append(config)
+        return out
+
+
+# kernel name -> the module declaring its SPACE
+KERNELS = {
+    "rms_norm": "rewriter.kernels.rms_norm.config",
+    "layer_norm": "rewriter.kernels.layer_norm.config",
+    "crms_norm": "rewriter.kernels.rms_norm.config",
+    "linear_attention": "rewriter.kernels.linear_attention.config",
+    "sliding_window_attention": "rewriter.kernels.window_attention.config",
+    "window_attention_2d": "rewriter.kernels.window_attention.config",
+    "neighborhood_attention_2d": "rewriter.kernels.window_attention.config",
+}
+
+
+def space(kernel: str) -> Space:
+    if kernel not in KERNELS:
+        raise KeyError(f"no search space for kernel {kernel!r}; known: {sorted(KERNELS)}")
+    module = importlib.import_module(KERNELS[kernel])
+    spaces = getattr(module, "SPACES", None) or {module.SPACE.kernel: module.SPACE}
+    return spaces[kernel]
