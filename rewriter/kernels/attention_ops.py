@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _dispatch  # noqa: E402  (this module is imported at the end of kernels/__init__)
 from .agent_attention.naive import agent_attention as _agent
 from .linear_attention.naive import linear_attention as _linear
 from .window_attention.naive import neighborhood_attention_2d as _neighborhood
@@ -46,16 +47,6 @@ def _window2d_ref(q, k, v, key_mask, grid, window, shift, prefix, scale):
 def _neighborhood_ref(q, k, v, key_mask, grid, kernel_size, dilation, prefix, scale):
     return _neighborhood(q, k, v, grid=tuple(grid), kernel_size=tuple(kernel_size), dilation=tuple(dilation),
                          prefix=prefix, scale=scale, key_mask=key_mask)
-
-
-def _dispatch(op: str, reference, q: Tensor, *args):
-    from . import triton_impl
-
-    if q.is_cuda:
-        fast = triton_impl(op)
-        if fast is not None:
-            return fast(q, *args)
-    return reference(q, *args)
 
 
 @torch.library.custom_op("rewriter::linear_attention", mutates_args=())

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .._checks import check_attention_inputs
 import torch.nn.functional as F
 
 __all__ = ["agent_attention", "agent_tokens"]
@@ -95,23 +97,8 @@ def _is_int(x) -> bool:
 
 
 def _check(q, k, v, num_agents, scale, grid, prefix, key_mask) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, tokens, head_dim], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
-    (B, H, Nq, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
-    if not (B == Bk == Bv):
-        raise ValueError(f"q, k, v must have the same batch size, got {B}, {Bk}, {Bv}")
-    if Hk != Hv or Nk != Nv:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and tokens")
-    if Hk == 0 or H % Hk:
-        raise ValueError(f"k/v heads ({Hk}) must divide q heads ({H}) for grouped-query attention")
-    if D != Dk:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    check_attention_inputs(q, k, v, key_mask, None, "agent_attention")
+    Nq = q.shape[2]
     if not _is_int(num_agents) or num_agents < 1:
         raise ValueError(f"num_agents must be a positive int, got {num_agents!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
@@ -127,9 +114,3 @@ def _check(q, k, v, num_agents, scale, grid, prefix, key_mask) -> None:
             raise ValueError(f"grid {tuple(grid)} with prefix {prefix} covers {prefix + grid[0] * grid[1]} "
                              f"tokens but q has {Nq}; pass the patch grid and the number of leading "
                              "non-grid tokens (e.g. prefix=1 for a CLS token)")
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-            raise ValueError("key_mask must be a bool tensor [batch, keys] (True = real key); "
-                             f"got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
-        if tuple(key_mask.shape) != (B, Nk):
-            raise ValueError(f"key_mask must have shape [batch, keys] = {(B, Nk)}, got {tuple(key_mask.shape)}")

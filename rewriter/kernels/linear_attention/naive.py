@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_attention_inputs
 from .chunk import chunk_causal_linear_attention
 
 __all__ = ["linear_attention", "apply_feature_map", "FEATURE_MAPS", "NORMALIZATIONS"]
@@ -92,23 +93,8 @@ def linear_attention(
 
 
 def _check(q, k, v, feature_map, causal, normalize, power, eps, key_mask, chunk_size) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, tokens, head_dim], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
-    (B, H, Nq, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
-    if not (B == Bk == Bv):
-        raise ValueError(f"q, k, v must have the same batch size, got {B}, {Bk}, {Bv}")
-    if Hk != Hv or Nk != Nv:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and tokens")
-    if Hk == 0 or H % Hk:
-        raise ValueError(f"k/v heads ({Hk}) must divide q heads ({H}) for grouped-query attention")
-    if D != Dk:
-        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    check_attention_inputs(q, k, v, key_mask, None, "linear_attention")
+    Nq, Nk = q.shape[2], k.shape[2]
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     if normalize not in NORMALIZATIONS:
@@ -122,9 +108,3 @@ def _check(q, k, v, feature_map, causal, normalize, power, eps, key_mask, chunk_
         raise ValueError(f"eps must be >= 0, got {eps}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-            raise ValueError("key_mask must be a bool tensor [batch, keys] (True = real key); "
-                             f"got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
-        if tuple(key_mask.shape) != (B, Nk):
-            raise ValueError(f"key_mask must have shape [batch, keys] = {(B, Nk)}, got {tuple(key_mask.shape)}")
