@@ -7,5 +7,13 @@ from .capture import CaptureError, capture
 from .optimize import OptimizedModule, optimize
 from .report import RewriteReport
 
-__all__ = ["optimize", "capture", "CaptureError", "OptimizedModule", "RewriteReport"]
+
+def export_onnx(*args, **kwargs):
+    """ONNX export checked in onnxruntime; see `rewriter.export.export_onnx`."""
+    from .export import export_onnx as _export_onnx  # imports onnx/onnxscript only when used
+
+    return _export_onnx(*args, **kwargs)
+
+
+__all__ = ["optimize", "capture", "export_onnx", "CaptureError", "OptimizedModule", "RewriteReport"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-__all__ = ["CaptureError", "Captured", "capture", "trace_pattern"]
+__all__ = ["CaptureError", "Captured", "capture", "dynamic_shapes", "export_program", "trace_pattern"]
 
 
 class CaptureError(RuntimeError):
@@ -35,16 +35,15 @@ class Captured:
     exported: Any = None  # the ExportedProgram, when method == "export"
 
 
-def _dynamic_shapes(model, args: tuple, kwargs: dict):
-    """Dim.AUTO on batch and sequence dims: dynamic where the model allows, static elsewhere.
-
-    Specs are keyed by the forward's parameter names, as torch.export expects.
+def dynamic_shapes(model, args: tuple, kwargs: dict, dims: int = 2):
+    """Dim.AUTO on the first `dims` dims of every input (batch, then sequence): dynamic
+    where the model allows, static elsewhere. Keyed by the forward's parameter names.
     """
     auto = torch.export.Dim.AUTO
 
     def spec(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return {d: auto for d in range(min(x.dim(), 2))}
+            return {d: auto for d in range(min(x.dim(), dims))}
         return None
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -71,9 +70,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _export(model, args, kwargs, dynamic: bool):
-    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    shapes = dynamic_shapes(model, args, kwargs) if dynamic else None
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     return ep
+
+
+def export_program(module, args: tuple, kwargs: dict, dims: int = 2) -> torch.export.ExportedProgram:
+    """torch.export with the first `dims` dims dynamic where the module allows, else static."""
+    if dims:
+        try:
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes(module, args, kwargs, dims),
+                                       strict=False)
+        except Exception:  # noqa: BLE001 - the module refuses dynamic dims: static below
+            pass
+    return torch.export.export(module, args, kwargs, strict=False)
 
 
 def _dynamic_dims_of(ep) -> dict[str, list[int]]:

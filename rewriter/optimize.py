@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import Captured, capture
+from .capture import Captured, capture, export_program
 from .graph import (common_subexpressions, dead_code_elimination, remove_identities, spell_out_arguments,
                     strip_export_plumbing)
 from .passes import PassContext, Rewrite, exact_passes
@@ -189,19 +189,17 @@ class OptimizedModule(nn.Module):
         return self._last.gm
 
     def export(self, *args, **kwargs) -> torch.export.ExportedProgram:
-        """Re-export the rewritten graph (e.g. to save it as .pt2 with torch.export.save)."""
+        """Re-export the rewritten graph (e.g. to save it as .pt2 with torch.export.save),
+        with the batch and sequence dims dynamic as they were captured."""
+        return self._export(args, kwargs, dims=2)
+
+    def _export(self, args: tuple, kwargs: dict, dims: int) -> torch.export.ExportedProgram:
         entry = self._entries.get(_signature(args, kwargs)) if args or kwargs else self._last
         if entry is None:
             entry = self._entry_for(args, kwargs)
         a = args or entry.captured.example_args
         kw = kwargs or entry.captured.example_kwargs
-        from .capture import _dynamic_shapes
-
-        shapes = _dynamic_shapes(entry.gm, a, kw) if entry.captured.dynamic_dims else None
-        try:
-            return torch.export.export(entry.gm, a, kw, dynamic_shapes=shapes, strict=False)
-        except Exception:
-            return torch.export.export(entry.gm, a, kw, strict=False)
+        return export_program(entry.gm, a, kw, dims if entry.captured.dynamic_dims else 0)
 
     def __repr__(self) -> str:
         return f"OptimizedModule({type(self._original).__name__}, captured={len(self._entries)})"

@@ -19,14 +19,19 @@ from .rms_norm.naive import rms_norm as _rms_norm_ref
 __all__ = ["rms_norm", "crms_norm", "layer_norm", "triton_impl"]
 
 
+# ops whose kernels live in another op's folder
+_FOLDER = {"crms_norm": "rms_norm"}
+
+
 @functools.lru_cache(maxsize=None)
-def triton_impl(op: str):
-    """The Triton implementation of `op`, or None where Triton or the kernel is missing."""
+def triton_impl(op: str, suffix: str = ""):
+    """The Triton implementation of `op` (suffix "_backward": its backward), or None where
+    Triton or the kernel is missing."""
     try:
-        module = importlib.import_module(f"{__name__}.{op}.triton")
+        module = importlib.import_module(f"{__name__}.{_FOLDER.get(op, op)}.triton")
     except ImportError:
         return None
-    return getattr(module, op, None)
+    return getattr(module, op + suffix, None)
 
 
 def _dispatch(op: str, reference, x: torch.Tensor, *args):
@@ -83,11 +88,22 @@ def _setup_context(ctx, inputs, output):
     ctx.inputs = inputs
 
 
-def _backward_through(reference):
-    """Autograd for an op: differentiate its reference (kernels bring their own later)."""
+def _backward_through(reference, op: str):
+    """Autograd for an op: its Triton backward on CUDA where one exists (it returns the
+    gradients of the leading tensor inputs), else differentiate the reference."""
 
     def backward(ctx, grad):
         inputs = ctx.inputs
+        fast = triton_impl(op, "_backward") if grad.is_cuda else None
+        if fast is not None:
+            try:
+                grads = list(fast(grad, *inputs))
+            except NotImplementedError:  # e.g. causal linear attention: no backward kernel
+                grads = None
+            if grads is not None:
+                grads += [None] * (len(inputs) - len(grads))
+                return tuple(g if isinstance(t, torch.Tensor) and t.requires_grad else None
+                             for g, t in zip(grads, inputs))
         with torch.enable_grad():
             leaves = [
                 t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
@@ -103,8 +119,8 @@ def _backward_through(reference):
     return backward
 
 
-rms_norm.register_autograd(_backward_through(_rms_norm_ref), setup_context=_setup_context)
-crms_norm.register_autograd(_backward_through(_crms_norm_ref), setup_context=_setup_context)
-layer_norm.register_autograd(_backward_through(_layer_norm_ref), setup_context=_setup_context)
+rms_norm.register_autograd(_backward_through(_rms_norm_ref, "rms_norm"), setup_context=_setup_context)
+crms_norm.register_autograd(_backward_through(_crms_norm_ref, "crms_norm"), setup_context=_setup_context)
+layer_norm.register_autograd(_backward_through(_layer_norm_ref, "layer_norm"), setup_context=_setup_context)
 
 from . import attention_ops  # noqa: E402,F401  (registers the approximate-attention ops)

@@ -100,7 +100,7 @@ def _register_fake_and_autograd() -> None:
 
     for op, reference in OPS.items():
         op.register_fake(lambda q, k, v, *rest: q.new_empty((*q.shape[:-1], v.shape[-1])))
-        op.register_autograd(_backward_through(reference), setup_context=_setup_context)
+        op.register_autograd(_backward_through(reference, op._name.split("::")[-1]), setup_context=_setup_context)
 
 
 _register_fake_and_autograd()

@@ -112,6 +112,9 @@ def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True)
         if kept:
             site.refuse(kept)
             continue
+        if any(val(t).dim() != 4 for t in args_of(node).values() if isinstance(t, fx.Node) and t is not mask):
+            site.refuse("attention over tensors that are not [batch, heads, tokens, dim]")
+            continue
         plan = plan_mask(node, mask_values.get(mask) if isinstance(mask, fx.Node) else None)
         if plan.reason:
             site.refuse(plan.reason)
@@ -133,12 +136,17 @@ def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True)
 
 
 def _measure(gm: fx.GraphModule, done: list[Rewrite], flat_inputs: list) -> None:
-    """Each site's error against the softmax attention it replaced, on the example inputs."""
+    """Each site's error against the softmax attention it replaced, on the example inputs
+    (over the real query rows only, where a padding mask says which rows are padding)."""
     if not done:
         return
-    values = record(gm, flat_inputs, [n for rw in done for n in (rw.old, rw.new)])
+    masks = {rw: rw.new.args[3] for rw in done if isinstance(rw.new.args[3], fx.Node)}  # every op: (q, k, v, key_mask, ...)
+    values = record(gm, flat_inputs, [n for rw in done for n in (rw.old, rw.new)] + list(masks.values()))
     for rw in done:
         new, old = values[rw.new], values[rw.old]
+        km = values.get(masks.get(rw))
+        if km is not None and km.shape[-1] == new.shape[-2]:  # padded query rows never reach the output
+            new, old = new.transpose(1, 2)[km], old.transpose(1, 2)[km]
         rw.site.error = {**error(new, old), "cosine": cosine(new, old)}
         if not torch.isfinite(new).all():
             rw.roll_back()

@@ -133,8 +133,8 @@ def _check(m: Match) -> str | None:
     q, kt, v = (val(m.inputs[n]) for n in ("q", "kt", "v"))
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, kt, v)):
         return "q, k, v are not floating-point tensors"
-    if not (q.dim() == kt.dim() == v.dim() >= 3):
-        return f"q, k, v have ranks {q.dim()}, {kt.dim()}, {v.dim()}; batched attention needs equal ranks ≥ 3"
+    if not (q.dim() == kt.dim() == v.dim() and q.dim() in (3, 4)):
+        return f"q, k, v have ranks {q.dim()}, {kt.dim()}, {v.dim()}; canonical attention takes equal ranks 3 or 4"
     if not (q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]):
         return "q, k, v batch dims differ (broadcast attention)"
     if m.variant["scale_op"] != "none":
@@ -225,7 +225,13 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
                 mask = call(g, aten.masked_fill.Scalar, (zeros, call(g, aten.logical_not.default, (keep,), like=m.output), fill), like=m.output)
             if val(mask).dtype != dtype:
                 mask = call(g, aten.to.dtype, (mask, dtype), like=m.output)
-    out = sdpa(g, q, k, v, mask, scale=scale, like=m.output)
+    if val(q).dim() == 3:  # [B·H, L, E] (bmm style): the canonical node is 4-D, with a batch of one
+        q, k, v = (call(g, aten.unsqueeze.default, (t, 0), like=m.output) for t in (q, k, v))
+        if mask is not None and val(mask).dim() == 3:
+            mask = call(g, aten.unsqueeze.default, (mask, 0), like=m.output)
+        out = call(g, aten.squeeze.dim, (sdpa(g, q, k, v, mask, scale=scale, like=m.output), 0), like=m.output)
+    else:
+        out = sdpa(g, q, k, v, mask, scale=scale, like=m.output)
     want = val(m.output).dtype
     return out if val(out).dtype == want else call(g, aten.to.dtype, (out, want), like=m.output)
 
