@@ -14,7 +14,8 @@ from pathlib import Path
 EXAMPLES = """examples:
   rewriter optimize examples/nanogpt.py:build
   rewriter optimize examples/nanogpt.py:build --norm keep --json
-  rewriter optimize mypkg.models:make_model --save out.pt2 --report report.json
+  rewriter optimize examples/nanogpt.py:build --attention sliding_window -o window=16 -o sinks=4 --keep-last 1
+  rewriter optimize mypkg.models:make_model --save out.pt2 --export out.onnx --report report.json
 """
 
 
@@ -56,19 +57,47 @@ def load_factory(spec: str):
     return model, inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def _option(text: str) -> tuple[str, object]:
+    """`name=value` with value read as a Python literal where it is one (7, 0.5, (7, 7), True)."""
+    import ast
+
+    if "=" not in text:
+        raise UsageError(f"--option takes name=value, got {text!r}")
+    name, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), value
+
+
 def _optimize(args) -> int:
     import torch
 
     import rewriter
 
+    options = dict(_option(o) for o in args.option or [])
+    for name in ("keep_first", "keep_last"):
+        if getattr(args, name):
+            options[name] = getattr(args, name)
+    layers = [int(x) if x.isdigit() else x for x in args.layers.split(",")] if args.layers else None
+    if (options or layers) and not args.attention:
+        raise UsageError("--option/--layers/--keep-* need --attention")
     model, inputs = load_factory(args.model)
-    opt = rewriter.optimize(model, inputs, norm=args.norm)
+    try:
+        opt = rewriter.optimize(model, inputs, norm=args.norm, attention=args.attention, layers=layers, **options)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     report = opt.report
     ok = report.verification.get("output", {}).get("ok") is not False
     if args.save:
         tmp = Path(args.save).with_suffix(".tmp.pt2")
         torch.export.save(opt.export(*inputs), tmp)
         tmp.replace(args.save)
+    if args.export:
+        exported = rewriter.export_onnx(opt, args.export, inputs, opset=args.opset)
+        report.verification["onnx"] = {"path": exported.path, "max_abs_error": exported.max_abs_error,
+                                       "dynamic_axes": exported.dynamic_axes, "fixed_axes": exported.fixed_axes}
     if args.report:
         Path(args.report).write_text(report.to_json(indent=2))
     if args.json:
@@ -81,6 +110,9 @@ def _optimize(args) -> int:
         console.print(report.summary())
         if args.save:
             console.print(f"saved {args.save}")
+        if args.export:
+            console.print(f"exported {args.export} (onnxruntime max abs error "
+                          f"{report.verification['onnx']['max_abs_error']:.1e})")
     return 0 if ok else 1
 
 
@@ -94,7 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="path/to/file.py:factory or package.module:factory returning (model, example_inputs)")
     p.add_argument("--norm", default="auto", choices=["auto", "crms", "keep"],
                    help="auto: Pre-LN → Pre-RMSNorm where provably exact; crms: Pre-CRMSNorm (D-1 stream); keep")
+    p.add_argument("--attention", choices=["linear", "agent", "sliding_window", "window2d", "neighborhood"],
+                   help="an approximate attention rewrite (error measured and reported)")
+    p.add_argument("-o", "--option", action="append", metavar="NAME=VALUE",
+                   help="a parameter of the attention rewrite, e.g. window=256, feature_map=focused (repeatable)")
+    p.add_argument("--layers", help="attention layers to rewrite: indices and module-path globs, comma-separated")
+    p.add_argument("--keep-first", type=int, default=0, help="keep the first K attention layers full")
+    p.add_argument("--keep-last", type=int, default=0, help="keep the last K attention layers full")
     p.add_argument("--save", help="write the rewritten program as .pt2")
+    p.add_argument("--export", help="write the rewritten model as ONNX (checked in onnxruntime)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset for --export (default 18)")
     p.add_argument("--report", help="write the report as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

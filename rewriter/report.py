@@ -83,8 +83,11 @@ class RewriteReport:
             by[(s.kind, s.action)][s.status] += 1
         parts = [f"{k[0]}→{k[1]}: " + ", ".join(f"{n} {st}" for st, n in v.items()) for k, v in by.items()]
         out = self.verification.get("output")
-        if out:
-            parts.append(f"output rel_l2 {out.get('rel_l2', float('nan')):.1e}")
+        if out and "rel_l2" in out:
+            parts.append(f"exact rewrites: output rel_l2 {out['rel_l2']:.1e}")
+        approx = self.verification.get("approximate_output")
+        if approx and "rel_l2" in approx:
+            parts.append(f"with approximate attention: output rel_l2 {approx['rel_l2']:.1e}")
         return "; ".join(parts) or "no sites found"
 
     def __str__(self) -> str:
