@@ -330,7 +330,7 @@ def table(rows: list[dict]) -> str:
     out = [head, "-" * len(head)]
     for r in rows:
         def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
+            return format(v, fmt) if v is not None else format("-", ">" + fmt.split(".")[0])
         note = r.get("error") or (f"sites {r['sites_applied']}" if "sites_applied" in r else "")
         frac = f"{100 * r['fraction_of_attention_free_limit']:.0f}%" if r["fraction_of_attention_free_limit"] is not None else "-"
         out.append(f"{r['tokens']:>6} {r['variant']:15s} {f(r['median_s'], '10.3f')} {f(r['speedup'], '7.2f')}x "

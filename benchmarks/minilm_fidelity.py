@@ -253,8 +253,8 @@ def markdown(result: dict, n_sentences: int, example_shape: tuple) -> str:
         f"{example_shape[0]} sentences padded to {example_shape[1]} tokens.",
         "cosine: each sentence's embedding vs the original's; spearman: rank correlation of the "
         "pairwise-similarity matrices (upper triangle); site rel_l2: mean relative L2 error of the "
-        "rewritten attention sites on the example batch, from the report (it counts every query row, "
-        "padding rows included, whose outputs never reach the embedding); site cosine likewise.",
+        "rewritten attention sites on the example batch, from the report (over the real tokens' "
+        "query rows; padding rows never reach the embedding); site cosine likewise.",
         "",
         f"`{result['command']}` — {result['date']} — {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
         f"triton {m['triton']}",

@@ -154,7 +154,11 @@ def export_onnx(module, path: str | os.PathLike, example_inputs: Any = None, *, 
         raise ExportError(f"cannot write to {path.parent}: permission denied; choose another path")
 
     fixed_why = ""
-    for dims in ((2, 1, 0) if dynamic else (0,)):  # batch+sequence dynamic, then batch only, then static
+    attempts = (2, 1, 0) if dynamic else (0,)  # batch+sequence dynamic, then batch only, then static
+    needs_length = _length_bound_ops(module)
+    if needs_length and dynamic:  # skip an attempt that is bound to fail (each costs a full conversion)
+        attempts, fixed_why = (1, 0), f"{needs_length} needs the sequence length at export time (its gather plan)"
+    for dims in attempts:
         ep = _program(module, args, kwargs, dims)
         try:
             with _quiet():
@@ -169,6 +173,21 @@ def export_onnx(module, path: str | os.PathLike, example_inputs: Any = None, *, 
     worst = _check_and_save(program, ep, args, kwargs, path, atol)
     dyn, fixed = _axes(ep, fixed_why)
     return OnnxExport(str(path), opset, worst, dyn, fixed)
+
+
+_LENGTH_BOUND = ("sliding_window_attention", "agent_attention")  # their ONNX graphs embed length-sized plans
+
+
+def _length_bound_ops(module) -> str:
+    from .optimize import OptimizedModule
+
+    gm = module._last.gm if isinstance(module, OptimizedModule) and module._last is not None else None
+    graph = module.graph if isinstance(module, torch.export.ExportedProgram) else gm.graph if gm is not None else None
+    if graph is None:
+        return ""
+    found = {str(n.target).split(".")[1] for n in graph.nodes if n.op == "call_function"
+             and str(n.target).startswith("rewriter.") and str(n.target).split(".")[1] in _LENGTH_BOUND}
+    return ", ".join(sorted(found))
 
 
 def _needs_static(exc: BaseException):

