@@ -117,7 +117,7 @@ def _leaves(x) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
 
 
-def _run_ort(path: str, ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> list:
+def _run_ort(path: str, args: tuple, kwargs: dict) -> list:
     import numpy as np
     import onnxruntime as ort
 
@@ -212,7 +212,7 @@ def _check_and_save(program, ep, args, kwargs, path: Path, atol: float) -> float
     try:
         program.save(tmp)
         onnx.checker.check_model(tmp, full_check=False)
-        got = _run_ort(tmp, ep, args, kwargs)
+        got = _run_ort(tmp, args, kwargs)
         if len(got) != len(expected):
             raise ExportError(f"the ONNX graph returns {len(got)} outputs, PyTorch {len(expected)}")
         worst = 0.0

@@ -32,7 +32,7 @@ def test_subset_run(bench, tmp_path):
     slug = bench.machine_slug()
     assert files == [f"minilm_fidelity-{slug}.json", f"minilm_fidelity-{slug}.md"]
     result = json.loads((tmp_path / files[0]).read_text())
-    assert result["benchmark"] == "minilm_fidelity" and "--limit 16" in result["command"]
+    assert result["benchmark"] == "minilm_fidelity" and "--limit 12" in result["command"]
     assert set(result["machine"]) == {"cpu", "cores", "torch", "triton"} and result["machine"]["cores"] >= 1
     rows = result["rows"]
     assert [(r["attention"], r["options"]) for r in rows] == [(None, {}), ("sliding_window", {"window": 8, "sinks": 1})]
