@@ -120,3 +120,17 @@ def test_unwritable_destination_is_a_clear_error(tmp_path):
             rewriter.export_onnx(opt, locked / "m.onnx", x)
     finally:
         locked.chmod(0o700)
+
+
+def test_rms_norm_export_is_fused_by_onnxruntime(tmp_path):
+    import onnx
+
+    model, x = own.tiny_vit()
+    opt = rewriter.optimize(model, x)  # Pre-RMSNorm: every norm is rewriter::rms_norm
+    rewriter.export_onnx(opt, tmp_path / "m.onnx", x)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 5 and "ReduceMean" not in ops

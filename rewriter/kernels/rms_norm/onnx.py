@@ -22,8 +22,10 @@ def _affine(y, weight, bias, weight_offset: float = 0.0):
 
 
 def rms_norm(x, weight=None, bias=None, eps: float = 1e-6, weight_offset: float = 0.0):
+    # spelled Pow → ReduceMean → Add → Sqrt → Div → Mul: the pattern onnxruntime fuses into
+    # one SimplifiedLayerNormalization kernel
     xf = to_float(x)
-    ms = op.ReduceMean(op.Mul(xf, xf), ints(-1), keepdims=1)
+    ms = op.ReduceMean(op.Pow(xf, op.Constant(value_float=2.0)), ints(-1), keepdims=1)
     y = op.Div(xf, op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
     return op.CastLike(_affine(y, weight, bias, weight_offset), x)
 
