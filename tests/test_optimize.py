@@ -118,3 +118,13 @@ def test_cli_approximate_attention_and_onnx_export(capsys, tmp_path):
     assert "with approximate attention" in " ".join(capsys.readouterr().out.split())
     assert main(["optimize", "examples/nanogpt.py:build", "-o", "window=8"]) == 2  # options need --attention
     assert main(["optimize", "examples/nanogpt.py:build", "--attention", "linear", "-o", "window=8"]) == 2
+
+
+def test_import_needs_no_triton_onnx_or_gpu():
+    import subprocess
+    import sys
+
+    code = "import sys, rewriter; print(sorted(m for m in ('triton', 'onnx', 'onnxscript') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
