@@ -355,18 +355,22 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def rounds_per_size(args, sizes: list[int], defaults: dict[int, int]) -> list[int]:
+    """--rounds: one value for every size, or one per size; else the defaults (1 with --quick)."""
+    if args.rounds is None:
+        return [1 if args.quick else defaults.get(s, 3) for s in sizes]
+    if len(args.rounds) == 1:
+        return args.rounds * len(sizes)
+    if len(args.rounds) == len(sizes):
+        return args.rounds
+    raise SystemExit("--rounds takes one value or one per size")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    if args.rounds is None:
-        rounds = [1 if args.quick else DEFAULT_ROUNDS.get(s, 3) for s in sizes]
-    elif len(args.rounds) == 1:
-        rounds = args.rounds * len(sizes)
-    elif len(args.rounds) == len(sizes):
-        rounds = args.rounds
-    else:
-        raise SystemExit("--rounds takes one value or one per size")
+    rounds = rounds_per_size(args, sizes, DEFAULT_ROUNDS)
     errors = args.errors or ("direct" if args.quick else "verify")
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     m = machine()

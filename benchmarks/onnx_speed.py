@@ -238,14 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    if args.rounds is None:
-        rounds = [1 if args.quick else DEFAULT_ROUNDS.get(s, 3) for s in sizes]
-    elif len(args.rounds) == 1:
-        rounds = args.rounds * len(sizes)
-    elif len(args.rounds) == len(sizes):
-        rounds = args.rounds
-    else:
-        raise SystemExit("--rounds takes one value or one per size")
+    rounds = AS.rounds_per_size(args, sizes, DEFAULT_ROUNDS)
     depth = args.depth or (2 if args.quick else AS.DEPTH)
     m = machine()
     threads = args.threads or m["cores"]

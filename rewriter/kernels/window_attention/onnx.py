@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from .._onnx import const, dense_attention, ints, repeat_kv, static, tiles_attention, to_float
+from .._onnx import dense_attention, ints, repeat_kv, static, tiles_attention, to_float
 from ._tiles import pair
 from .naive import _band_tiles, _na_tiles, _swin_tiles
 
