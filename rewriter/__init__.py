@@ -3,6 +3,7 @@ sites (exactly by default, approximately on request), and emit something that ru
 from __future__ import annotations
 
 from . import kernels  # noqa: F401  (registers the rewriter:: ops; imports no Triton)
+from . import autotune  # noqa: F401  (callable: rewriter.autotune(model, inputs); imports no Triton/Optuna)
 from .capture import CaptureError, capture
 from .optimize import OptimizedModule, optimize
 from .report import RewriteReport
@@ -15,5 +16,5 @@ def export_onnx(*args, **kwargs):
     return _export_onnx(*args, **kwargs)
 
 
-__all__ = ["optimize", "capture", "export_onnx", "CaptureError", "OptimizedModule", "RewriteReport"]
+__all__ = ["optimize", "capture", "export_onnx", "autotune", "CaptureError", "OptimizedModule", "RewriteReport"]
 __version__ = "0.1.0"

@@ -215,6 +215,7 @@ def optimize(
     verify: bool = True,
     example_kwargs: dict | None = None,
     dynamic: bool = True,
+    autotune: bool = False,
     **attention_options,
 ) -> OptimizedModule:
     """Rewrite `model`'s attention and normalisation sites; return a module with `.report`.
@@ -230,6 +231,9 @@ def optimize(
     **attention_options: the form's parameters (e.g. window=256, sinks=4,
       feature_map="focused"); a list gives one value per layer, a callable f(layer) computes it.
     verify: check every exact rewrite numerically on the example inputs (roll back failures).
+    autotune: tune the kernels the rewritten model calls, on the example inputs' device, and
+      store the configs in that device's cache (`rewriter.autotune`; result in
+      `.autotune_report`). Off by default: inference never tunes unless asked.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
@@ -245,8 +249,14 @@ def optimize(
         raise ValueError(f"options {sorted(attention_options) or ['layers']} need an approximate attention= form")
     options = {"norm": norm, "layers": layers, "dynamic": dynamic, "attention": attention,
                "attention_options": attention_options}
+    if autotune and example_inputs is None:
+        raise ValueError("autotune=True needs example_inputs: the kernels are tuned on the shapes the model is called with")
     opt = OptimizedModule(model, options, verify)
     if example_inputs is not None or example_kwargs:
         args = example_inputs if isinstance(example_inputs, tuple) else (() if example_inputs is None else (example_inputs,))
         opt._entry_for(args, dict(example_kwargs or {}))
+        if autotune:
+            from .autotune import autotune as _autotune
+
+            opt.autotune_report = _autotune(opt, args)
     return opt

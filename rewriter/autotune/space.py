@@ -3,7 +3,9 @@
 A kernel's space lives beside it in `kernels/<op>/config.py` (no Triton import there):
 `SPACE = Space(...)`. This module collects them, so the tuner and the runtime read one
 table. `keep(config, shape)` rejects configs that cannot run on a shape before anything
-is compiled; `default(shape)` is the config used when the cache has no tuned entry.
+is compiled; `default(shape)` is the config used when the cache has no tuned entry;
+`shape_of(*op_args)` turns the arguments the `rewriter::` op was called with into that
+`shape` dict (plain ints, bools and strings, so it can key a cache).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class Space:
     params: dict[str, list]  # parameter name -> its choices
     keep: Callable[[dict[str, Any], dict[str, Any]], bool]  # (config, shape) -> runnable?
     default: Callable[[dict[str, Any]], dict[str, Any]]  # shape -> config
+    shape_of: Callable[..., dict[str, Any]] | None = None  # the op's call arguments -> shape
 
     def configs(self, shape: dict[str, Any]) -> list[dict[str, Any]]:
         """Every valid config for `shape` (the grid the exhaustive baseline runs)."""
@@ -39,15 +42,23 @@ KERNELS = {
     "layer_norm": "rewriter.kernels.layer_norm.config",
     "crms_norm": "rewriter.kernels.rms_norm.config",
     "linear_attention": "rewriter.kernels.linear_attention.config",
+    "agent_attention": "rewriter.kernels.agent_attention.config",
     "sliding_window_attention": "rewriter.kernels.window_attention.config",
     "window_attention_2d": "rewriter.kernels.window_attention.config",
     "neighborhood_attention_2d": "rewriter.kernels.window_attention.config",
 }
 
 
-def space(kernel: str) -> Space:
+def space(kernel: str, device: str = "cuda") -> Space | None:
+    """The search space of `kernel`'s Triton kernel (device "cuda") or of its reference's own
+    knobs (device "cpu": chunk and tile sizes of the CPU path). None where that device has
+    nothing to tune (e.g. the norms' references on the CPU)."""
     if kernel not in KERNELS:
         raise KeyError(f"no search space for kernel {kernel!r}; known: {sorted(KERNELS)}")
     module = importlib.import_module(KERNELS[kernel])
-    spaces = getattr(module, "SPACES", None) or {module.SPACE.kernel: module.SPACE}
-    return spaces[kernel]
+    prefix = "CPU_" if str(device).startswith("cpu") else ""
+    spaces = getattr(module, prefix + "SPACES", None)
+    if spaces is None:
+        single = getattr(module, prefix + "SPACE", None)
+        spaces = {single.kernel: single} if single is not None else {}
+    return spaces.get(kernel)

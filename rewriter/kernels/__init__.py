@@ -16,11 +16,12 @@ from .layer_norm.naive import layer_norm as _layer_norm_ref
 from .rms_norm.naive import crms_norm as _crms_norm_ref
 from .rms_norm.naive import rms_norm as _rms_norm_ref
 
-__all__ = ["rms_norm", "crms_norm", "layer_norm", "triton_impl"]
+__all__ = ["rms_norm", "crms_norm", "layer_norm", "triton_impl", "reference"]
 
 
 # ops whose kernels live in another op's folder
-_FOLDER = {"crms_norm": "rms_norm"}
+_FOLDER = {"crms_norm": "rms_norm", "sliding_window_attention": "window_attention",
+           "window_attention_2d": "window_attention", "neighborhood_attention_2d": "window_attention"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,11 +36,16 @@ def triton_impl(op: str, suffix: str = ""):
 
 
 def _dispatch(op: str, reference, x: torch.Tensor, *args):
+    """Run `op`: its Triton kernel on CUDA (else the reference), with the autotuner cache's
+    config for this call's shape bucket where one was tuned (else the kernel's default)."""
+    from ..autotune.select import tuned_config  # no Triton, no Optuna
+
     if x.is_cuda:
         fast = triton_impl(op)
         if fast is not None:
-            return fast(x, *args)
-    return reference(x, *args)
+            return fast(x, *args, config=tuned_config(op, (x, *args), x.device))
+        return reference(x, *args)
+    return reference(x, *args, **(tuned_config(op, (x, *args), x.device) or {}))
 
 
 @torch.library.custom_op("rewriter::rms_norm", mutates_args=())
@@ -124,3 +130,13 @@ crms_norm.register_autograd(_backward_through(_crms_norm_ref, "crms_norm"), setu
 layer_norm.register_autograd(_backward_through(_layer_norm_ref, "layer_norm"), setup_context=_setup_context)
 
 from . import attention_ops  # noqa: E402,F401  (registers the approximate-attention ops)
+
+
+def reference(op: str):
+    """The reference of `op`: called with the op's positional arguments, then (keywords)
+    the CPU knobs its config space declares."""
+    found = {"rms_norm": _rms_norm_ref, "crms_norm": _crms_norm_ref, "layer_norm": _layer_norm_ref,
+             **{o._name.split("::")[-1]: ref for o, ref in attention_ops.OPS.items()}}
+    if op not in found:
+        raise KeyError(f"no rewriter op {op!r}; known: {sorted(found)}")
+    return found[op]

@@ -24,9 +24,13 @@ __all__ = ["linear_attention", "agent_attention", "sliding_window_attention", "w
            "neighborhood_attention_2d"]
 
 
-def _linear_ref(q, k, v, key_mask, feature_map, causal, normalize, power, eps):
+# The references' trailing keyword arguments are their CPU knobs (`CPU_SPACE(S)` in each
+# kernel's config.py), which the dispatch passes from the autotuner's cache.
+
+
+def _linear_ref(q, k, v, key_mask, feature_map, causal, normalize, power, eps, chunk_size=64):
     return _linear(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, power=power, eps=eps,
-                   key_mask=key_mask)
+                   key_mask=key_mask, chunk_size=chunk_size)
 
 
 def _agent_ref(q, k, v, key_mask, num_agents, scale, grid, prefix):
@@ -34,19 +38,20 @@ def _agent_ref(q, k, v, key_mask, num_agents, scale, grid, prefix):
                   key_mask=key_mask)
 
 
-def _sliding_ref(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale):
+def _sliding_ref(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale, **knobs):
     return _sliding(q, k, v, window=window, causal=causal, dilation=dilation, sinks=sinks,
-                    global_sinks=global_sinks, scale=scale, key_mask=key_mask)
+                    global_sinks=global_sinks, scale=scale, key_mask=key_mask, **knobs)
 
 
-def _window2d_ref(q, k, v, key_mask, grid, window, shift, prefix, scale):
+def _window2d_ref(q, k, v, key_mask, grid, window, shift, prefix, scale, **knobs):
     return _window2d(q, k, v, grid=tuple(grid), window=tuple(window), shift=tuple(shift), prefix=prefix, scale=scale,
-                     key_mask=key_mask)
+                     key_mask=key_mask, **knobs)
 
 
-def _neighborhood_ref(q, k, v, key_mask, grid, kernel_size, dilation, prefix, scale):
+def _neighborhood_ref(q, k, v, key_mask, grid, kernel_size, dilation, prefix, scale, TILE_Y=8, TILE_X=8,  # noqa: N803
+                      **knobs):
     return _neighborhood(q, k, v, grid=tuple(grid), kernel_size=tuple(kernel_size), dilation=tuple(dilation),
-                         prefix=prefix, scale=scale, key_mask=key_mask)
+                         prefix=prefix, scale=scale, key_mask=key_mask, tile=(TILE_Y, TILE_X), **knobs)
 
 
 @torch.library.custom_op("rewriter::linear_attention", mutates_args=())

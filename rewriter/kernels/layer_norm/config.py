@@ -8,8 +8,8 @@ its parameters, constraints and default; see `kernels/rms_norm/config.py`. No Tr
 from __future__ import annotations
 
 from rewriter.autotune.space import Space
-from rewriter.kernels.rms_norm.config import PARAMS, default, keep
+from rewriter.kernels.rms_norm.config import PARAMS, default, keep, shape_of
 
 __all__ = ["SPACE"]
 
-SPACE = Space("layer_norm", params=PARAMS, keep=keep, default=default)
+SPACE = Space("layer_norm", params=PARAMS, keep=keep, default=default, shape_of=shape_of)

@@ -29,7 +29,7 @@ from typing import Any
 
 from rewriter.autotune.space import Space
 
-__all__ = ["SPACE", "PARAMS", "keep", "default", "next_pow2"]
+__all__ = ["SPACE", "CPU_SPACE", "PARAMS", "keep", "default", "next_pow2", "shape_of"]
 
 # fp32 elements one thread may hold before the estimate says the registers spill
 MAX_PER_THREAD = 192
@@ -114,4 +114,25 @@ def default(shape: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-SPACE = Space("linear_attention", params=PARAMS, keep=keep, default=default)
+def shape_of(q, k, v, key_mask, feature_map, causal, normalize, power, eps) -> dict[str, Any]:
+    """The shape dict of a `rewriter::linear_attention` call."""
+    return {"b": int(q.shape[0]), "h": int(q.shape[1]), "hk": int(k.shape[1]), "n": int(k.shape[2]),
+            "d": int(q.shape[3]), "dv": int(v.shape[3]), "causal": bool(causal),
+            "dtype": str(q.dtype).removeprefix("torch.")}
+
+
+SPACE = Space("linear_attention", params=PARAMS, keep=keep, default=default, shape_of=shape_of)
+
+# The reference's own knob on the CPU: tokens per chunk of the causal form (chunk.py), which
+# trades the L×L intra-chunk product against the number of sequential state updates.
+# Non-causal attention has nothing to tune there (one state reduction), so its space holds
+# one config.
+CPU_PARAMS: dict[str, list] = {"chunk_size": [16, 32, 64, 128, 256, 512]}
+
+
+def _cpu_keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:
+    return config["chunk_size"] == 64 or (shape["causal"] and config["chunk_size"] <= _block(shape["n"]))
+
+
+CPU_SPACE = Space("linear_attention", params=CPU_PARAMS, keep=_cpu_keep, default=lambda shape: {"chunk_size": 64},
+                  shape_of=shape_of)

@@ -23,7 +23,7 @@ from typing import Any
 
 from rewriter.autotune.space import Space
 
-__all__ = ["SPACES", "PARAMS", "keep", "default", "next_pow2"]
+__all__ = ["SPACES", "PARAMS", "keep", "default", "next_pow2", "shape_of"]
 
 # the largest tile, in elements, one program holds (fp32 accumulators live in registers)
 MAX_TILE = 16384
@@ -94,7 +94,15 @@ def _crms_default(shape):
     return default(shape, shape["d"] + 1)
 
 
+def shape_of(x, *rest) -> dict[str, Any]:
+    """The shape dict of a norm op's call (x is the normalised input; the rest do not matter)."""
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= int(size)
+    return {"rows": rows, "d": int(x.shape[-1]), "dtype": str(x.dtype).removeprefix("torch.")}
+
+
 SPACES = {
-    "rms_norm": Space("rms_norm", params=PARAMS, keep=keep, default=default),
-    "crms_norm": Space("crms_norm", params=PARAMS, keep=_crms_keep, default=_crms_default),
+    "rms_norm": Space("rms_norm", params=PARAMS, keep=keep, default=default, shape_of=shape_of),
+    "crms_norm": Space("crms_norm", params=PARAMS, keep=_crms_keep, default=_crms_default, shape_of=shape_of),
 }

@@ -86,10 +86,12 @@ def attend(q, k, v, visible):
     return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
 
 
-def run_tiles(q, k, v, tiles: Tiles, key_mask):
+def run_tiles(q, k, v, tiles: Tiles, key_mask, max_scores: int = MAX_SCORES):
     """Attention over the plan `tiles`; q, k, v as returned by `prepare`.
 
     key_mask: bool [B, N] or None. Returns [B, H, Nq, Dv] ordered as `tiles.out_idx`.
+    max_scores: elements of one score block (a tuning knob: fewer, larger batched matmuls
+    against a working set that stays in cache).
     Relies on every plan giving each real query at least one visible key, so only
     `key_mask` can empty a row (those rows return zeros).
     """
@@ -99,7 +101,7 @@ def run_tiles(q, k, v, tiles: Tiles, key_mask):
     K = tiles.k_idx.shape[1]
     # [B*H, N, D] views: index_select on dim 1 of a 3-D tensor copies whole rows quickly
     q3, k3, v3 = q.reshape(B * H, N, D), k.reshape(B * H, N, D), v.reshape(B * H, N, Dv)
-    chunk = max(1, MAX_SCORES // max(1, B * H * M * K))
+    chunk = max(1, int(max_scores) // max(1, B * H * M * K))
     zero, neg = q.new_zeros(()), q.new_full((), NEG)
     outs = []
     for t0 in range(0, T, chunk):

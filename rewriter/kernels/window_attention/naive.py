@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._tiles import Tiles, check_inputs, dense_rows, inverse, pair, positive, prepare, run_tiles
+from ._tiles import MAX_SCORES, Tiles, check_inputs, dense_rows, inverse, pair, positive, prepare, run_tiles
 
 __all__ = ["sliding_window_attention", "window_attention_2d", "neighborhood_attention_2d"]
 
@@ -92,6 +92,7 @@ def sliding_window_attention(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    max_scores: int = MAX_SCORES,
 ) -> torch.Tensor:
     """1-D local attention (Mistral/Longformer sliding window, StreamingLLM sinks).
 
@@ -104,7 +105,8 @@ def sliding_window_attention(
     plus the first `sinks` tokens (j < sinks; and j <= i when causal), which keep long-range
     context alive. `global_sinks=True` (bidirectional only) also lets those first `sinks`
     tokens attend to every key (Longformer global attention). `sinks` larger than N means
-    every token is a sink. `block_size`: queries per tile (a tuning knob, not semantics).
+    every token is a sink. `block_size`: queries per tile, `max_scores`: elements of one score
+    block (tuning knobs, not semantics).
     """
     op = "sliding_window_attention"
     check_inputs(q, k, v, key_mask, scale, op)
@@ -124,7 +126,7 @@ def sliding_window_attention(
     sinks = min(sinks, n)
     qs, ks, vs = prepare(q, k, v, scale)
     tiles = _band_tiles(n, window, bool(causal), dilation, sinks, block_size, q.device)
-    out = run_tiles(qs, ks, vs, tiles, key_mask)
+    out = run_tiles(qs, ks, vs, tiles, key_mask, max_scores)
     if global_sinks and sinks:
         out = torch.cat([dense_rows(qs[:, :, :sinks], ks, vs, key_mask), out[:, :, sinks:]], dim=2)
     return out.to(q.dtype)
@@ -161,10 +163,10 @@ def _with_prefix(tiles_q, tiles_k, visible, q_valid, prefix, n_grid, device) -> 
     return Tiles(q_idx=tiles_q + prefix, k_idx=k_idx, visible=vis, out_idx=inverse(tiles_q, q_valid, n_grid))
 
 
-def _grid_attention(q, k, v, tiles, prefix, scale, key_mask):
+def _grid_attention(q, k, v, tiles, prefix, scale, key_mask, max_scores=MAX_SCORES):
     """Run a grid plan and the prefix rows (which see every token); returns [B, H, N, Dv]."""
     qs, ks, vs = prepare(q, k, v, scale)
-    out = run_tiles(qs, ks, vs, tiles, key_mask)
+    out = run_tiles(qs, ks, vs, tiles, key_mask, max_scores)
     if prefix:
         out = torch.cat([dense_rows(qs[:, :, :prefix], ks, vs, key_mask), out], dim=2)
     return out.to(q.dtype)
@@ -204,6 +206,7 @@ def window_attention_2d(
     prefix: int = 0,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
+    max_scores: int = MAX_SCORES,
 ) -> torch.Tensor:
     """Swin (shifted) window attention on a token grid (Liu et al. 2021).
 
@@ -231,7 +234,7 @@ def window_attention_2d(
             "(Swin uses shift = window // 2 on every other block, else (0, 0))."
         )
     tiles = _swin_tiles(hg, wg, window, shift, prefix, q.device)
-    return _grid_attention(q, k, v, tiles, prefix, scale, key_mask)
+    return _grid_attention(q, k, v, tiles, prefix, scale, key_mask, max_scores)
 
 
 def _na_axis(length, kernel, dilation, tile, device):
@@ -285,6 +288,7 @@ def neighborhood_attention_2d(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     tile: tuple[int, int] = (8, 8),
+    max_scores: int = MAX_SCORES,
 ) -> torch.Tensor:
     """Neighbourhood attention NAT/DiNAT (Hassani et al.), with NATTEN's border behaviour.
 
@@ -314,4 +318,4 @@ def neighborhood_attention_2d(
                 f"has {length}; use a smaller kernel_size or dilation for this resolution."
             )
     tiles = _na_tiles(hg, wg, kernel, dil, tile, prefix, q.device)
-    return _grid_attention(q, k, v, tiles, prefix, scale, key_mask)
+    return _grid_attention(q, k, v, tiles, prefix, scale, key_mask, max_scores)

@@ -1,0 +1,73 @@
+"""Search spaces of the window-attention kernels, as data (no Triton import).
+
+The Triton kernels' spaces are declared beside them (`sliding_config.py`, `grid_config.py`)
+and collected here as `SPACES`. `CPU_SPACES` are the references' own knobs on the CPU:
+
+- `sliding_window_attention`: `block_size`, queries per tile of the band plan. Larger
+  tiles mean fewer, larger matmuls but more wasted keys (each tile gathers
+  `block_size + window` keys).
+- `neighborhood_attention_2d`: `TILE_Y` × `TILE_X` queries per tile (per dilation
+  group); same trade-off in 2-D (a tile gathers `(TILE_Y + k - 1) × (TILE_X + k - 1)` keys).
+
+All three take `max_scores`, the elements of one score block of the tile engine
+(`_tiles.run_tiles`): tiles are processed in batches of at most that many scores, trading
+fewer, larger batched matmuls against a working set that fits the caches. (Swin windows
+have no tile knob: a window is a tile.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rewriter.autotune.space import Space
+
+from .grid_config import SPACES as _GRID_SPACES
+from .grid_config import neighborhood_shape_of, window_shape_of
+from .sliding_config import SPACE as _SLIDING_SPACE
+from .sliding_config import shape_of as sliding_shape_of
+
+__all__ = ["SPACES", "CPU_SPACES"]
+
+SPACES = {"sliding_window_attention": _SLIDING_SPACE, **_GRID_SPACES}
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _sliding_keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:
+    group = -(-int(shape["n"]) // int(shape["dilation"]))  # tokens per dilation group
+    return config["block_size"] <= max(16, _pow2_at_least(group))
+
+
+def _neighborhood_keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:
+    rows = -(-int(shape["grid_h"]) // int(shape["dilation_h"]))  # grid rows per dilation group
+    cols = -(-int(shape["grid_w"]) // int(shape["dilation_w"]))
+    return config["TILE_Y"] <= max(2, _pow2_at_least(rows)) and config["TILE_X"] <= max(4, _pow2_at_least(cols))
+
+
+MAX_SCORES = [1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26]
+
+
+def _sliding_default(shape: dict[str, Any]) -> dict[str, Any]:
+    return {"block_size": 128, "max_scores": 1 << 24}
+
+
+def _window_default(shape: dict[str, Any]) -> dict[str, Any]:
+    return {"max_scores": 1 << 24}
+
+
+def _neighborhood_default(shape: dict[str, Any]) -> dict[str, Any]:
+    return {"TILE_Y": 8, "TILE_X": 8, "max_scores": 1 << 24}
+
+
+CPU_SPACES = {
+    "sliding_window_attention": Space(
+        "sliding_window_attention", params={"block_size": [16, 32, 64, 128, 256, 512, 1024], "max_scores": MAX_SCORES},
+        keep=_sliding_keep, default=_sliding_default, shape_of=sliding_shape_of),
+    "window_attention_2d": Space(
+        "window_attention_2d", params={"max_scores": MAX_SCORES}, keep=lambda config, shape: True,
+        default=_window_default, shape_of=window_shape_of),
+    "neighborhood_attention_2d": Space(
+        "neighborhood_attention_2d", params={"TILE_Y": [2, 4, 8, 16], "TILE_X": [4, 8, 16, 32], "max_scores": MAX_SCORES},
+        keep=_neighborhood_keep, default=_neighborhood_default, shape_of=neighborhood_shape_of),
+}
