@@ -71,3 +71,46 @@ def test_linear_attention_runs_triton_forward_and_backward(monkeypatch):
     assert_close(got, want, dtype=torch.bfloat16)
     for g, r in zip(got_grads, want_grads):
         assert_close(g, r, dtype=torch.bfloat16, tol=3e-2)
+
+
+# the window and agent ops: forward through Triton, gradients through the reference
+FORWARD_ONLY = {
+    "sliding_window_attention": (1, 8, 4096, (None, 512, True, 1, 4, False, 0.125)),
+    "window_attention_2d": (1, 8, 1 + 48 * 48, (None, [48, 48], [8, 8], [4, 4], 1, 0.125)),
+    "neighborhood_attention_2d": (1, 8, 64 * 64, (None, [64, 64], [7, 7], [2, 2], 0, 0.125)),
+    "agent_attention": (1, 8, 1 + 32 * 32, (None, 49, 0.125, [32, 32], 1)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(FORWARD_ONLY))
+def test_window_and_agent_ops_run_triton_forward(op, monkeypatch):
+    b, h, n, options = FORWARD_ONLY[op]
+    q, k, v = (torch.randn(b, h, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fwd = _spy(monkeypatch, op, "")
+    got, got_grads = _grads(lambda a, b_, c: getattr(ops, op)(a, b_, c, *options), q, k, v)
+    assert fwd, "the forward did not run the Triton kernel"
+    reference = kernels.reference(op)
+    want, want_grads = _grads(lambda a, b_, c: reference(a, b_, c, *options), q, k, v)
+    assert_close(got, want, dtype=torch.bfloat16)
+    for g, r in zip(got_grads, want_grads):
+        assert_close(g, r, dtype=torch.bfloat16, tol=3e-2)
+
+
+def test_a_tuned_cache_entry_reaches_the_triton_kernel(monkeypatch, tmp_path):
+    from rewriter.autotune.cache import default_cache
+    from rewriter.autotune.select import cache_key
+    from rewriter.autotune.space import space
+
+    monkeypatch.setenv("REWRITER_CACHE_DIR", str(tmp_path))
+    q, k, v = (torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    args = (q, k, v, None, "elu", False, "denominator", 3.0, 1e-6)
+    key, shape = cache_key("linear_attention", args, "cuda")
+    configs = space("linear_attention").configs(shape)
+    chosen = next(c for c in configs if c != space("linear_attention").default(shape))
+    default_cache(q.device).put(key, {"config": chosen, "time_ms": 0.1})
+    seen = []
+    real = kernels.triton_impl("linear_attention")
+    monkeypatch.setattr(kernels, "triton_impl", lambda o, s="": (lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+                        if (o, s) == ("linear_attention", "") else _orig(o, s))
+    ops.linear_attention(*args)
+    assert seen and seen[0]["config"] == chosen
