@@ -1,59 +1,121 @@
-"""The `rewriter` command line: optimise a model from a `file.py:factory` and report.
+"""The `rewriter` command line: inspect, optimise, export a model; tune its kernels.
 
 Exit codes: 0 success, 1 a verification failed, 2 usage or input error.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import contextlib
+import json
+import os
+import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
-EXAMPLES = """examples:
-  rewriter optimize examples/nanogpt.py:build
-  rewriter optimize examples/nanogpt.py:build --norm keep --json
-  rewriter optimize examples/nanogpt.py:build --attention sliding_window -o window=16 -o sinks=4 --keep-last 1
-  rewriter optimize mypkg.models:make_model --save out.pt2 --export out.onnx --report report.json
+from ._model_source import SPEC_HELP, ModelSource, UsageError, check_writable, load_factory, load_model
+
+__all__ = ["main", "build_parser", "COMMANDS", "UsageError", "load_factory", "load_model"]
+
+MAIN_EXAMPLES = """examples:
+  rewriter inspect examples/nanogpt.py:build
+  rewriter optimize examples/nanogpt.py:build --save gpt.pt2
+  rewriter export examples/nanogpt.py:build gpt.onnx
+  rewriter inspect gpt.pt2 --json
+  rewriter autotune examples/nanogpt.py:build --attention linear
+  rewriter cache show
+
+MODEL is path/to/file.py:factory or package.module:factory (a callable returning
+(model, example_inputs)), or a .pt2 saved by torch.export.save with its example inputs.
+Exit codes: 0 success, 1 a verification failed (a rewrite rolled back, or the output or
+ONNX check failed), 2 usage or input error.
 """
 
 
-class UsageError(Exception):
-    pass
+# ----------------------------------------------------------------------------- output helpers
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 
-def load_factory(spec: str):
-    """`path/to/file.py:factory` or `package.module:factory` → (model, example_inputs)."""
-    if ":" not in spec:
-        raise UsageError(f"MODEL must look like path/to/file.py:factory or package.module:factory, got {spec!r}")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise UsageError(f"no such file: {where}")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            mod_spec.loader.exec_module(module)
-        finally:
-            sys.path.pop(0)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise UsageError(f"cannot import {where}: {e}") from e
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise UsageError(f"{where} has no callable {name!r}")
+@contextlib.contextmanager
+def _progress(text: str):
+    """A spinner on stderr while long work runs (only on a terminal: pipes and logs stay clean)."""
+    console = _console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(text):
+        yield
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _temp_beside(path: Path) -> Path:
+    """An empty temporary file next to `path` (same file system, so moving it there is atomic),
+    with the permissions a new file would get."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def _staged():
+    """Collects (temporary, final) paths; moves every one into place only if the block succeeds,
+    and removes them all otherwise: no partial outputs."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        out = factory()
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"{spec} raised {type(e).__name__}: {e}") from e
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise UsageError(f"{spec} must return (model, example_inputs)")
-    model, inputs = out
-    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+        yield lambda final: staged.append((_temp_beside(final), final)) or staged[-1][0]
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        staged.clear()
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- shared arguments
+
+FORMS = ["linear", "agent", "sliding_window", "window2d", "neighborhood"]
+
+
+def _subcommand(sub, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    import textwrap
+
+    return sub.add_parser(name, help=help, description=textwrap.fill(description, 88), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+
+
+def _common_arguments(p: argparse.ArgumentParser, json_help: str) -> None:
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks and warnings")
+
+
+def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rewrites")
+    g.add_argument("--norm", default="auto", choices=["auto", "crms", "keep"],
+                   help="auto: Pre-LN → Pre-RMSNorm where provably exact; crms: Pre-CRMSNorm (D-1 stream); keep")
+    g.add_argument("--attention", choices=FORMS, help="an approximate attention rewrite (error measured and reported)")
+    g.add_argument("-o", "--option", action="append", metavar="NAME=VALUE",
+                   help="a parameter of the attention rewrite, e.g. window=256, feature_map=focused (repeatable)")
+    g.add_argument("--layers", help="attention layers to rewrite: indices and module-path globs, comma-separated")
+    g.add_argument("--keep-first", type=int, default=0, help="keep the first K attention layers full")
+    g.add_argument("--keep-last", type=int, default=0, help="keep the last K attention layers full")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -70,7 +132,8 @@ def _option(text: str) -> tuple[str, object]:
     return name.strip(), value
 
 
-def _optimize(args) -> int:
+def _rewrite_options(args) -> dict:
+    """The optimize() keyword arguments the rewrite flags ask for, validated before any work."""
     import torch
 
     import rewriter
@@ -82,72 +145,458 @@ def _optimize(args) -> int:
     layers = [int(x) if x.isdigit() else x for x in args.layers.split(",")] if args.layers else None
     if (options or layers) and not args.attention:
         raise UsageError("--option/--layers/--keep-* need --attention")
-    model, inputs = load_factory(args.model)
-    try:
-        opt = rewriter.optimize(model, inputs, norm=args.norm, attention=args.attention, layers=layers, **options)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    report = opt.report
-    ok = report.verification.get("output", {}).get("ok") is not False
-    if args.save:
-        tmp = Path(args.save).with_suffix(".tmp.pt2")
-        torch.export.save(opt.export(*inputs), tmp)
-        tmp.replace(args.save)
+    kw = {"norm": args.norm, "attention": args.attention, "layers": layers, **options}
+    try:  # validates every option now; without example inputs nothing is captured
+        rewriter.optimize(torch.nn.Identity(), None, **kw)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from e
+    return kw
+
+
+def _load(spec: str) -> ModelSource:
+    with _progress(f"loading {spec}"):
+        return load_model(spec)
+
+
+def _optimize_model(source: ModelSource, kw: dict):
+    import rewriter
+
+    with _progress("capturing, rewriting and verifying"):
+        try:
+            return rewriter.optimize(source.model, source.args, example_kwargs=source.kwargs or None, **kw)
+        except rewriter.CaptureError as e:
+            raise UsageError(" ".join(line.strip() for line in str(e).splitlines()[:2])) from e
+
+
+def _failed_checks(report) -> list[str]:
+    """What a verification found wrong; empty when every check held."""
+    out, output = [], report.verification.get("output", {})
+    if output.get("ok") is False:
+        out.append(f"the rewritten model's output differs (rel_l2 {output.get('rel_l2', float('nan')):.1e})")
+    rolled = {id(s): s for s in report.sites if s.status == "rolled_back"}
+    if rolled:
+        out.append(f"{len(rolled)} rewrite(s) rolled back after failing verification (see the report)")
+    return out
+
+
+def _verdict(report) -> int:
+    problems = _failed_checks(report)
+    for p in problems:
+        print(f"rewriter: verification failed: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------- optimize
+
+OPTIMIZE_EXAMPLES = """examples:
+  rewriter optimize examples/nanogpt.py:build
+  rewriter optimize examples/nanogpt.py:build --norm keep --json
+  rewriter optimize examples/nanogpt.py:build --attention sliding_window -o window=16 -o sinks=4 --keep-last 1
+  rewriter optimize mypkg.models:make_model --save out.pt2 --export out.onnx --report report.json
+"""
+
+
+def add_optimize(sub) -> None:
+    p = _subcommand(sub, "optimize", "apply the exact rewrites, verify them, print the report",
+                    "Capture MODEL, apply the exact rewrites (and an approximate attention rewrite if asked), "
+                    "verify them on the example inputs and print the report.", OPTIMIZE_EXAMPLES)
+    _model_argument(p)
+    _rewrite_arguments(p)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save", help="write the rewritten program as .pt2")
+    g.add_argument("--export", help="write the rewritten model as ONNX (checked in onnxruntime)")
+    g.add_argument("--opset", type=int, default=18, help="ONNX opset for --export (default 18)")
+    g.add_argument("--report", help="write the report as JSON")
+    _common_arguments(p, "print the report as JSON")
+    p.set_defaults(run=run_optimize)
+
+
+def run_optimize(args) -> int:
+    import torch
+
+    kw = _rewrite_options(args)
     if args.export:
-        exported = rewriter.export_onnx(opt, args.export, inputs, opset=args.opset)
-        report.verification["onnx"] = {"path": exported.path, "max_abs_error": exported.max_abs_error,
-                                       "dynamic_axes": exported.dynamic_axes, "fixed_axes": exported.fixed_axes}
-    if args.report:
-        Path(args.report).write_text(report.to_json(indent=2))
+        _check_opset(args.opset)
+    outputs = {flag: check_writable(getattr(args, flag), f"--{flag}") for flag in ("save", "export", "report")
+               if getattr(args, flag)}
+    source = _load(args.model)
+    opt = _optimize_model(source, kw)
+    report = opt.report
+    with _progress("writing outputs"), _staged() as temp_for:
+        if "save" in outputs:
+            torch.export.save(opt.export(*source.args, **source.kwargs), temp_for(outputs["save"]))
+        if "export" in outputs:  # export_onnx moves its file into place only once it passed
+            report.verification["onnx"] = _export_onnx(opt, outputs["export"], source, args.opset)
+        if "report" in outputs:
+            temp_for(outputs["report"]).write_text(report.to_json(indent=2))
     if args.json:
         print(report.to_json(indent=2))
     else:
-        from rich.console import Console
-
-        console = Console()
+        console = _console()
         console.print(report.table())
         console.print(report.summary())
-        if args.save:
+        if "save" in outputs:
             console.print(f"saved {args.save}")
-        if args.export:
+        if "export" in outputs:
             console.print(f"exported {args.export} (onnxruntime max abs error "
                           f"{report.verification['onnx']['max_abs_error']:.1e})")
-    return 0 if ok else 1
+    return _verdict(report)
+
+
+def _export_onnx(opt, path: Path, source: ModelSource, opset: int) -> dict:
+    import rewriter
+    from rewriter.export import ExportError
+
+    try:
+        r = rewriter.export_onnx(opt, path, source.args, opset=opset, example_kwargs=source.kwargs or None)
+    except (ExportError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        if "differs from PyTorch" in first:  # it ran in onnxruntime, and disagreed: a failed verification
+            raise _OnnxCheckFailed(first) from e
+        raise UsageError(first) from e
+    return {"path": r.path, "opset": r.opset, "max_abs_error": r.max_abs_error,
+            "dynamic_axes": r.dynamic_axes, "fixed_axes": r.fixed_axes}
+
+
+def _check_opset(opset: int) -> None:
+    if opset < 18:
+        raise UsageError(f"--opset must be >= 18 (the translations use opset-18 ops), not {opset}")
+
+
+class _OnnxCheckFailed(Exception):
+    """onnxruntime ran the file and its outputs differed from PyTorch (exit 1)."""
+
+
+# ----------------------------------------------------------------------------- export
+
+EXPORT_EXAMPLES = """examples:
+  rewriter export examples/nanogpt.py:build gpt.onnx
+  rewriter export examples/nanogpt.py:build gpt.onnx --opset 23 --json
+  rewriter export examples/nanogpt.py:build gpt.onnx --attention sliding_window -o window=16
+"""
+
+
+def add_export(sub) -> None:
+    p = _subcommand(sub, "export", "optimise, then write ONNX checked in onnxruntime",
+                    "Optimise MODEL (exact rewrites, plus an approximate attention rewrite if asked), export it to "
+                    "ONNX, run the file in onnxruntime on the example inputs and report the max abs error and "
+                    "which axes stayed dynamic.", EXPORT_EXAMPLES)
+    _model_argument(p)
+    p.add_argument("output", metavar="OUT.onnx", help="where to write the ONNX file (written only once it passed)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; 23 uses RMSNormalization)")
+    _rewrite_arguments(p)
+    _common_arguments(p, "print the result and the rewrite report as JSON")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    kw = _rewrite_options(args)
+    _check_opset(args.opset)
+    out = check_writable(args.output, "ONNX output")
+    source = _load(args.model)
+    opt = _optimize_model(source, kw)
+    with _progress(f"exporting {args.output} and checking it in onnxruntime"):
+        result = _export_onnx(opt, out, source, args.opset)
+    report = opt.report
+    report.verification["onnx"] = result
+    if args.json:
+        _print_json({"onnx": result, "report": report.to_dict()})
+    else:
+        from rich.table import Table
+
+        console = _console()
+        t = Table(title=f"{result['path']} (opset {result['opset']})")
+        for col in ("input", "axis", "shape", "why"):
+            t.add_column(col, overflow="fold")
+        for name, dims in result["dynamic_axes"].items():
+            for d in dims:
+                t.add_row(name, str(d), "dynamic", "")
+        for where, why in result["fixed_axes"].items():
+            name, _, d = where.partition("[")
+            t.add_row(name, d.rstrip("]"), "fixed", why)
+        console.print(t)
+        console.print(f"onnxruntime max abs error {result['max_abs_error']:.1e} (vs PyTorch on the example inputs)")
+        console.print(f"rewrites: {report.summary()}")
+    return _verdict(report)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+INSPECT_EXAMPLES = """examples:
+  rewriter inspect examples/nanogpt.py:build
+  rewriter inspect examples/nanogpt.py:build --norm keep
+  rewriter inspect examples/nanogpt.py:build --attention linear --keep-first 1 --json
+  rewriter inspect gpt.pt2
+"""
+
+
+def add_inspect(sub) -> None:
+    p = _subcommand(sub, "inspect", "show what would be rewritten, and why not where not (writes nothing)",
+                    "Run the rewrite pipeline on MODEL as a dry run and show what it found: attention sites by "
+                    "form and module path, norms, the residual-stream analysis (which LayerNorms convert to "
+                    "RMSNorm exactly, which not and why) and each pass. Changes nothing and writes nothing.",
+                    INSPECT_EXAMPLES)
+    _model_argument(p)
+    _rewrite_arguments(p)
+    _common_arguments(p, "print the findings as JSON")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args) -> int:
+    kw = _rewrite_options(args)
+    source = _load(args.model)
+    with _progress("capturing and analysing (dry run)"):
+        found = inspect_model(source, kw)
+    if args.json:
+        _print_json(found)
+    else:
+        render(found, _console())
+    return 1 if found["failed_checks"] else 0
+
+
+# ----------------------------------------------------------------------------- inspect: the findings
+
+_SCORES = ("matmul", "bmm", "baddbmm")
+_PASSTHROUGH = {"to", "_to_copy", "type_as", "float", "type", "contiguous", "clone", "dropout", "alias"}
+
+
+def _op_name(n) -> str:
+    import torch.fx as fx
+
+    if not isinstance(n, fx.Node):
+        return ""
+    if n.op == "call_method":
+        return str(n.target)
+    if n.op != "call_function":
+        return n.op
+    target = getattr(n.target, "overloadpacket", None) or n.target
+    return getattr(target, "__name__", str(target))
+
+
+def _scores_path(x, depth: int = 6) -> list[str] | None:
+    """The steps from the q·kᵀ product to `x` (scale, mask, casts skipped), searched backwards."""
+    import torch.fx as fx
+
+    name = _op_name(x)
+    if name in _SCORES:
+        return [name]
+    if depth == 0 or not isinstance(x, fx.Node) or x.op not in ("call_function", "call_method"):
+        return None
+    for a in x.args:
+        path = _scores_path(a, depth - 1) if isinstance(a, fx.Node) else None
+        if path is not None:
+            return path + ([] if name in _PASSTHROUGH else [name])
+    return None
+
+
+def _attention_form(n) -> str | None:
+    """How an attention site is spelled in the captured graph, e.g. `matmul → mul → masked_fill →
+    softmax → matmul` (casts left out); None for a node that is no attention output."""
+    name = _op_name(n)
+    if name in ("scaled_dot_product_attention", "_native_multi_head_attention"):
+        return name
+    if name in ("softmax", "_softmax"):
+        sm, tail = n, []
+    elif name in ("matmul", "bmm") and n.args:
+        sm = n.args[0]
+        while _op_name(sm) in _PASSTHROUGH and sm.args:
+            sm = sm.args[0]
+        if _op_name(sm) not in ("softmax", "_softmax"):
+            return None
+        tail = [name]
+    else:
+        return None
+    head = _scores_path(sm.args[0]) if sm.args else None
+    return " → ".join((head or ["?"]) + ["softmax"] + tail) if head or tail else None
+
+
+def _longest_prefix(location: str, streams: list) -> object | None:
+    best = None
+    for st in streams:
+        loc = st.location
+        if loc == "<root>" or location == loc or location.startswith(loc + "."):
+            if best is None or len(loc) > len(best.location) or best.location == "<root>":
+                best = st
+    return best
+
+
+def inspect_model(source: ModelSource, kw: dict) -> dict:
+    """The exact pipeline (and the approximate one if asked) run as a dry run on `source`:
+    every site found, what it would become or why not, per pass and per residual stream."""
+    import rewriter
+
+    from .capture import capture
+    from .graph import module_path
+    from .optimize import rewrite_captured
+    from .passes import exact_passes
+
+    plan = rewriter.optimize(source.model, None, **kw)  # the options as optimize() takes them; captures nothing
+    try:
+        cap = capture(source.model, source.args, source.kwargs, dynamic=plan._options.get("dynamic", True))
+    except rewriter.CaptureError as e:
+        raise UsageError(" ".join(line.strip() for line in str(e).splitlines()[:2])) from e
+    forms = {n.name: f for n in cap.module.graph.nodes if (f := _attention_form(n))}  # before anything changes
+    gm, report = rewrite_captured(source.model, cap, plan._options, verify=True)
+    gqa = {module_path(n) for n in gm.graph.nodes if _op_name(n) == "scaled_dot_product_attention"
+           and n.kwargs.get("enable_gqa")}
+    sites = list(dict.fromkeys(report.sites))  # a site a later rule extended is recorded twice
+
+    attention, norms, streams, stream_of = [], [], [], {}
+    current = None
+    for s in sites:
+        if s.kind == "residual_stream":
+            current = s
+            streams.append(s)
+        elif s.pass_name == "pre_rmsnorm" and current is not None:
+            stream_of[id(s)] = current
+    refused_streams = [st for st in streams if st.status != "applied"]
+    for s in sites:
+        row = {"location": s.location, "kind": s.kind, "pass": s.pass_name, "becomes": s.action, "status": s.status,
+               "reason": s.reason, "error": s.error}
+        if s.kind == "attention":
+            row["form"] = forms.get(s.node, "scaled_dot_product_attention" if s.pass_name.startswith("approximate")
+                                    else "")
+            if s.action == "sdpa" and s.location in gqa:
+                row["becomes"] = "sdpa (GQA: repeat_kv folded)"
+            if s.params:
+                row["params"] = s.params
+            attention.append(row)
+        elif s.kind in ("layer_norm", "rms_norm"):
+            if s.kind == "rms_norm":
+                row["pre_ln_to_rms"] = "already an RMSNorm"
+            elif id(s) in stream_of and s.status == "applied":
+                row["pre_ln_to_rms"] = "yes"
+            elif kw.get("norm") == "keep":
+                row["pre_ln_to_rms"] = "not tried (--norm keep)"
+            else:
+                st = stream_of.get(id(s)) or _longest_prefix(s.location, refused_streams)
+                why = (st.reason if st is not None and st.reason else s.reason) or \
+                    "not read from a Pre-LN residual stream"
+                row["pre_ln_to_rms"] = f"no: {why}"
+            norms.append(row)
+    stream_rows = [{"location": st.location, "becomes": st.action, "status": st.status, "reason": st.reason,
+                    "norms": sum(1 for k, v in stream_of.items() if v is st)} for st in streams]
+
+    names = [p.name for p in exact_passes("auto")]
+    if kw.get("attention"):
+        names.append(f"approximate:{kw['attention']}")
+    passes = []
+    for name in names:
+        mine = [s for s in sites if s.pass_name == name]
+        counts = {st: sum(1 for s in mine if s.status == st) for st in ("applied", "refused", "rolled_back")}
+        if name not in report.passes:
+            note = "not run (--norm keep)" if name == "pre_rmsnorm" else "not run"
+        else:
+            parts = ["applies"] if report.passes[name] else \
+                ["nothing to rewrite: already in the target form"] if counts["applied"] else []
+            for st in ("refused", "rolled_back"):
+                why = list(dict.fromkeys(re.sub(r" \([\w.<>]+\)", "", s.reason) for s in mine  # paths left out
+                                         if s.status == st and s.reason))
+                if why:
+                    parts.append(f"{st.replace('_', ' ')}: " + "; ".join(why[:3]) + (" …" if len(why) > 3 else ""))
+            note = "; ".join(parts) or "no sites found"
+        passes.append({"pass": name, "ran": name in report.passes, "rewrites": report.passes.get(name, 0),
+                       **counts, "note": note})
+    if not kw.get("attention"):
+        passes.append({"pass": "approximate attention", "ran": False, "rewrites": 0, "applied": 0, "refused": 0,
+                       "rolled_back": 0, "note": "opt-in: --attention FORM"})
+    return {"model": source.spec, "capture": report.capture, "attention": attention, "norms": norms,
+            "residual_streams": stream_rows, "passes": passes, "verification": report.verification,
+            "summary": report.summary(), "failed_checks": _failed_checks(report)}
+
+
+def render(found: dict, console) -> None:
+    from rich.table import Table
+
+    style = {"applied": "green", "refused": "yellow", "rolled_back": "red"}
+
+    def table(title: str, rows: list[dict], cols: dict[str, str]):
+        if not rows:
+            console.print(f"[bold]{title}[/]: none found")
+            return
+        cells = [[_cell(key, r.get(key)) for key in cols] for r in rows]
+        keep = [i for i in range(len(cols)) if any(c[i] for c in cells)]  # no all-empty columns
+        t = Table(title=title, title_justify="left")
+        for i in keep:
+            t.add_column(list(cols.values())[i], overflow="fold")
+        for c in cells:
+            t.add_row(*(c[i] for i in keep))
+        console.print(t)
+
+    def _cell(key: str, v) -> str:
+        if key == "status":
+            return f"[{style.get(v, '')}]{v}"
+        if key == "error":
+            return f"{v['rel_l2']:.1e}" if v and "rel_l2" in v else ""
+        return "" if v is None else str(v)
+
+    cap = found["capture"]
+    dims = ", ".join(f"{k}{v}" for k, v in cap.get("dynamic_dims", {}).items()) or "none"
+    console.print(f"[bold]{found['model']}[/]: captured with {cap.get('method')}; dynamic dims: {dims}")
+    for note in cap.get("notes", []):
+        console.print(f"  note: {note}")
+    table("attention sites", found["attention"], {"location": "location", "form": "form", "becomes": "becomes",
+                                                   "status": "status", "error": "error", "reason": "reason"})
+    table("norms", found["norms"], {"location": "location", "kind": "kind", "becomes": "becomes", "status": "status",
+                                    "pre_ln_to_rms": "Pre-LN → RMSNorm", "reason": "reason"})
+    table("residual streams", found["residual_streams"], {"location": "location", "becomes": "conversion",
+                                                          "status": "status", "norms": "norms", "reason": "reason"})
+    table("passes", found["passes"], {"pass": "pass", "rewrites": "rewrites", "applied": "sites applied",
+                                      "refused": "refused", "rolled_back": "rolled back", "note": "note"})
+    console.print(found["summary"])
+    for problem in found["failed_checks"]:
+        console.print(f"[red]verification failed: {problem}")
+    console.print("(dry run: nothing was changed or written)")
+
+
+# ----------------------------------------------------------------------------- main
+
+# One function per subcommand: each adds its parser and sets `run`. Add new ones here.
+def _tuning_commands() -> list[Callable]:
+    from .autotune.command import add_autotune, add_cache
+
+    return [add_autotune, add_cache]
+
+
+COMMANDS: list[Callable] = [add_inspect, add_optimize, add_export, *_tuning_commands()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rewriter", description=__doc__.splitlines()[0],
+                                     epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks and warnings")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rewriter", description=__doc__.splitlines()[0],
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("optimize", help="apply the exact rewrites, verify them, print the report",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="path/to/file.py:factory or package.module:factory returning (model, example_inputs)")
-    p.add_argument("--norm", default="auto", choices=["auto", "crms", "keep"],
-                   help="auto: Pre-LN → Pre-RMSNorm where provably exact; crms: Pre-CRMSNorm (D-1 stream); keep")
-    p.add_argument("--attention", choices=["linear", "agent", "sliding_window", "window2d", "neighborhood"],
-                   help="an approximate attention rewrite (error measured and reported)")
-    p.add_argument("-o", "--option", action="append", metavar="NAME=VALUE",
-                   help="a parameter of the attention rewrite, e.g. window=256, feature_map=focused (repeatable)")
-    p.add_argument("--layers", help="attention layers to rewrite: indices and module-path globs, comma-separated")
-    p.add_argument("--keep-first", type=int, default=0, help="keep the first K attention layers full")
-    p.add_argument("--keep-last", type=int, default=0, help="keep the last K attention layers full")
-    p.add_argument("--save", help="write the rewritten program as .pt2")
-    p.add_argument("--export", help="write the rewritten model as ONNX (checked in onnxruntime)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset for --export (default 18)")
-    p.add_argument("--report", help="write the report as JSON")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
+    parser = build_parser()
     try:
-        return _optimize(args)
-    except UsageError as e:
-        print(f"rewriter: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001
-        if args.debug:
-            raise
-        print(f"rewriter: error: {type(e).__name__}: {e}".splitlines()[0] + " (run with --debug for the traceback)", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    if args.debug:
+        return args.run(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation chatter; --debug shows it
+        try:
+            return args.run(args)
+        except UsageError as e:
+            print(f"rewriter: error: {e}", file=sys.stderr)
+            return 2
+        except _OnnxCheckFailed as e:
+            print(f"rewriter: verification failed: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("rewriter: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - one line; --debug shows the traceback
+            text = str(e).strip().splitlines()
+            print(f"rewriter: error: {type(e).__name__}: {text[0] if text else ''} "
+                  "(run with --debug for the traceback)", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
