@@ -46,6 +46,8 @@ def autotune(model, example_inputs: tuple = (), *, kernels: list[str] | None = N
 
     model: an `OptimizedModule` (from `rewriter.optimize`) or any module whose graph calls
     `rewriter::` ops; a plain `nn.Module` is optimised first with the default (exact) passes.
+    model=None: `example_inputs` is a list of `OpCall`s to tune instead (e.g.
+    `rewriter.autotune.workloads.standard_calls()`).
     kernels: only these kernel names. trials / grid / storage / sampler / isolate /
     min_time_s: see `rewriter.autotune.tuner.tune`. budget_s: wall-clock cap for the whole
     run, shared out among the studies still to run. progress(kind, value): called with
@@ -53,24 +55,26 @@ def autotune(model, example_inputs: tuple = (), *, kernels: list[str] | None = N
     """
     from ..optimize import OptimizedModule, optimize
     from .record import op_calls
-    from .select import cache_key, device_kind
+    from .select import cache_key, choices, device_kind
     from .tuner import tune
 
     started = time.perf_counter()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not isinstance(model, OptimizedModule) and not hasattr(model, "graph"):
+    if model is not None and not isinstance(model, OptimizedModule) and not hasattr(model, "graph"):
         model = optimize(model, args)
     report = AutotuneReport()
     todo, seen = [], set()
-    for call in op_calls(model, args):
+    calls = op_calls(model, args) if model is not None else list(example_inputs)
+    for call in calls:
         if kernels is not None and call.kernel not in kernels:
             continue
         kind = device_kind(next(a.device for a in call.args if hasattr(a, "device")))
         found = cache_key(call.kernel, call.args, kind)
-        if found is None:
-            if (call.kernel, kind) not in seen:
-                seen.add((call.kernel, kind))
-                report.skipped.append((call.kernel, f"nothing to tune on {kind}"))
+        if found is None or choices(call.kernel, call.args, kind) < 2:
+            why = f"nothing to tune on {kind}" if found is None else "one config fits this shape"
+            if (call.kernel, why) not in seen:
+                seen.add((call.kernel, why))
+                report.skipped.append((call.kernel, why))
             continue
         key = (kind, found[0])
         if key not in seen:

@@ -21,11 +21,17 @@ import torch
 from .buckets import bucket
 from .space import KERNELS, Space, space
 
-__all__ = ["tuned_config", "cache_key", "source_hash", "device_kind"]
+__all__ = ["tuned_config", "cache_key", "choices", "source_hash", "device_kind"]
 
 
 def device_kind(device: torch.device | str) -> str:
     return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
+def choices(kernel: str, args: tuple, kind: str) -> int:
+    """How many configs of `kernel`'s space fit this call (0: nothing to tune on `kind`)."""
+    sp = _space(kernel, kind)
+    return len(sp.configs(sp.shape_of(*args))) if sp is not None else 0
 
 
 @functools.lru_cache(maxsize=None)

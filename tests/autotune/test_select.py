@@ -49,3 +49,19 @@ def test_running_ops_does_not_import_optuna():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "REWRITER_CACHE_DIR": "/nonexistent/x"})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_every_space_default_is_a_config_it_keeps():
+    from rewriter.autotune.space import KERNELS, space
+    from rewriter.autotune.workloads import standard_calls
+
+    calls = standard_calls("cpu", small=True)
+    q = torch.randn(1, 2, 20, 16)
+    calls += [type(calls[0])("sliding_window_attention", (q, q, q, None, 4, True, 3, 0, False, 0.25))]
+    g = torch.randn(1, 2, 5 * 6, 16)
+    calls += [type(calls[0])("neighborhood_attention_2d", (g, g, g, None, [5, 6], [3, 3], [1, 2], 0, 0.25))]
+    for call in calls:
+        sp = space(call.kernel, "cpu")
+        shape = sp.shape_of(*call.args)
+        assert sp.default(shape) in sp.configs(shape), (call.kernel, shape)
+    assert all(k in KERNELS for k in ("sliding_window_attention", "agent_attention"))

@@ -34,22 +34,32 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def _sliding_limit(shape: dict[str, Any]) -> int:
+    """The largest useful block: one covering a dilation group's tokens."""
+    return max(16, _pow2_at_least(-(-int(shape["n"]) // int(shape["dilation"]))))
+
+
+def _neighborhood_limits(shape: dict[str, Any]) -> tuple[int, int]:
+    """The largest useful tile: one covering a dilation group's grid rows and columns."""
+    rows = -(-int(shape["grid_h"]) // int(shape["dilation_h"]))
+    cols = -(-int(shape["grid_w"]) // int(shape["dilation_w"]))
+    return max(2, _pow2_at_least(rows)), max(4, _pow2_at_least(cols))
+
+
 def _sliding_keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:
-    group = -(-int(shape["n"]) // int(shape["dilation"]))  # tokens per dilation group
-    return config["block_size"] <= max(16, _pow2_at_least(group))
+    return config["block_size"] <= _sliding_limit(shape)
 
 
 def _neighborhood_keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:
-    rows = -(-int(shape["grid_h"]) // int(shape["dilation_h"]))  # grid rows per dilation group
-    cols = -(-int(shape["grid_w"]) // int(shape["dilation_w"]))
-    return config["TILE_Y"] <= max(2, _pow2_at_least(rows)) and config["TILE_X"] <= max(4, _pow2_at_least(cols))
+    ty, tx = _neighborhood_limits(shape)
+    return config["TILE_Y"] <= ty and config["TILE_X"] <= tx
 
 
 MAX_SCORES = [1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26]
 
 
 def _sliding_default(shape: dict[str, Any]) -> dict[str, Any]:
-    return {"block_size": 128, "max_scores": 1 << 24}
+    return {"block_size": min(128, _sliding_limit(shape)), "max_scores": 1 << 24}
 
 
 def _window_default(shape: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +67,8 @@ def _window_default(shape: dict[str, Any]) -> dict[str, Any]:
 
 
 def _neighborhood_default(shape: dict[str, Any]) -> dict[str, Any]:
-    return {"TILE_Y": 8, "TILE_X": 8, "max_scores": 1 << 24}
+    ty, tx = _neighborhood_limits(shape)
+    return {"TILE_Y": min(8, ty), "TILE_X": min(8, tx), "max_scores": 1 << 24}
 
 
 CPU_SPACES = {
