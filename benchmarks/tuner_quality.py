@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rewriter  # noqa: E402,F401
+import rewriter  # noqa: E402,F401  (registers the ops)
 from rewriter.autotune.cache import Cache, current_device  # noqa: E402
 from rewriter.autotune.tuner import Tunable, tunable, tune  # noqa: E402
 

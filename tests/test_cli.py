@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewriter.cli import main, render
+from rewriter.cli import main
+from rewriter.inspection import render
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT = f"{ROOT / 'examples' / 'nanogpt.py'}:build"

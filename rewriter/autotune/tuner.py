@@ -20,7 +20,6 @@ everyone's results is what lands in the cache.
 from __future__ import annotations
 
 import datetime
-import math
 import multiprocessing
 import os
 import pickle
@@ -34,7 +33,7 @@ import torch
 from .. import kernels
 from ..verify import error
 from .bench import median_ms
-from .select import cache_key, device_kind, source_hash
+from .select import device_kind, source_hash
 from .space import Space, space
 
 __all__ = ["Tunable", "Trial", "TuneResult", "tunable", "tune"]

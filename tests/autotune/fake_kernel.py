@@ -7,7 +7,6 @@ kills its process, 64 is outside the constraints.
 import os
 import time
 
-import torch
 
 from rewriter.autotune.space import Space
 from rewriter.autotune.tuner import Tunable
