@@ -330,7 +330,9 @@ def tune(kernel: str | Tunable, args: tuple, *, trials: int = 30, budget_s: floa
     cap for the study; grid: run every valid config instead; sampler: an Optuna sampler
     (default TPE, seeded); storage: an Optuna storage URL (e.g. PostgreSQL) shared by several
     machines; cache: the `Cache` to write the best config into (default: this device's);
-    isolate: trials in a worker process (default: on CUDA); save: write to the cache.
+    isolate: trials in a worker process (default: on CUDA); trial_timeout_s: an isolated trial
+    running longer is killed and recorded as a timeout (in-process trials cannot be
+    interrupted); min_time_s: timing per config; save: write the best config to the cache.
     """
     started = time.perf_counter()
     device = _device_of(args)
@@ -348,9 +350,11 @@ def tune(kernel: str | Tunable, args: tuple, *, trials: int = 30, budget_s: floa
     if not valid:
         raise ValueError(f"{t.kernel}: no config of its space fits the shape {shape}.")
     isolate = (kind == "cuda") if isolate is None else isolate
-    with torch.no_grad():
-        expected = t.reference(args)
-        runner = _Worker(t, args, min_time_s) if isolate else _InProcess(t, args, expected, min_time_s)
+    if isolate:  # the worker computes the reference itself
+        runner = _Worker(t, args, min_time_s)
+    else:
+        with torch.no_grad():
+            runner = _InProcess(t, args, t.reference(args), min_time_s)
     study = _study(f"{dev.slug}/{key.text()}", sampler, storage, seed, trials)
     names = list(sp.params)
     result = TuneResult(kernel=t.kernel, device=dev.name, bucket=key.bucket, dtype=key.dtype, shape=shape,
