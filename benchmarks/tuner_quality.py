@@ -109,6 +109,7 @@ def run_case(kernel: str, label: str, args: tuple, seeds: int, min_time_s: float
         "tpe_trials": budget, "tpe_share_of_exhaustive": budget / exhaustive.runs,
         "tpe_live_best_config": live.best_config, "tpe_live_measured_ms": live.best_ms,
         "tpe_live_ratio": live_ratio, "tpe_live_wall_s": live.wall_s,
+        "exhaustive_table": [[dict(config), ms] for config, ms in sorted(table.items(), key=lambda kv: kv[1])],
         "tpe_replay_seeds": seeds, "tpe_replay_mean_ratio": statistics.fmean(ratios),
         "tpe_replay_worst_ratio": max(ratios), "tpe_replay_within_3pct": sum(r <= 1.03 for r in ratios) / len(ratios),
     }

@@ -267,6 +267,30 @@ def _frozen(config: dict) -> tuple:
     return tuple(sorted(config.items()))
 
 
+def _ordinal(choices: list) -> bool:
+    """Numeric choices in increasing order (block sizes, warps, stages): searched as an
+    ordered integer index, so the sampler learns that neighbouring values behave alike;
+    anything else (strings, unordered lists) is categorical."""
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+    return numeric and len(choices) > 1 and all(a < b for a, b in zip(choices, choices[1:]))
+
+
+def _suggest(trial, space: Space) -> dict:
+    config = {}
+    for name, choices in space.params.items():
+        if _ordinal(choices):
+            config[name] = choices[trial.suggest_int(name, 0, len(choices) - 1)]
+        else:
+            config[name] = trial.suggest_categorical(name, choices)
+    return config
+
+
+def _as_params(config: dict, space: Space) -> dict:
+    """`config` in the sampler's terms (the index of each ordinal value), for enqueueing."""
+    return {name: space.params[name].index(value) if _ordinal(space.params[name]) else value
+            for name, value in config.items()}
+
+
 def _study(name: str, sampler, storage: str | None, seed: int, trials: int):
     import optuna
 
@@ -311,8 +335,8 @@ def _best_in_study(study, sp: Space, shape: dict) -> tuple[dict | None, float | 
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if trial.user_attrs.get("state") != "ok":
             continue
-        config = trial.user_attrs.get("config") or trial.params
-        if not sp.keep(config, shape):
+        config = trial.user_attrs.get("config")
+        if config is None or not sp.keep(config, shape):
             continue
         if best_ms is None or trial.value < best_ms:
             best, best_ms = dict(config), float(trial.value)
@@ -356,14 +380,13 @@ def tune(kernel: str | Tunable, args: tuple, *, trials: int = 30, budget_s: floa
         with torch.no_grad():
             runner = _InProcess(t, args, t.reference(args), min_time_s)
     study = _study(f"{dev.slug}/{key.text()}", sampler, storage, seed, trials)
-    names = list(sp.params)
     result = TuneResult(kernel=t.kernel, device=dev.name, bucket=key.bucket, dtype=key.dtype, shape=shape,
                         default_config=default, default_ms=None, best_config=None, best_ms=None, study=study.study_name)
     seen = _measured(study)  # configs someone (another machine, an earlier run) already measured
     queue = [default] + (valid if grid else [])
     for config in queue:
         if _frozen(config) not in seen:
-            study.enqueue_trial(config, skip_if_exists=False)
+            study.enqueue_trial(_as_params(config, sp), skip_if_exists=False)
     wanted = len({_frozen(c) for c in queue} - set(seen)) if grid else max(1, trials)
     ran = 0
     proposals = 0
@@ -376,7 +399,7 @@ def tune(kernel: str | Tunable, args: tuple, *, trials: int = 30, budget_s: floa
                     break  # every valid config has run
                 proposals += 1
                 trial = study.ask()
-                config = {name: trial.suggest_categorical(name, sp.params[name]) for name in names}
+                config = _suggest(trial, sp)
                 frozen = _frozen(config)
                 record = seen.get(frozen)
                 if record is None:
