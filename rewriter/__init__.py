@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from . import kernels  # noqa: F401  (registers the rewriter:: ops; imports no Triton)
 from . import autotune  # noqa: F401  (callable: rewriter.autotune(model, inputs); imports no Triton/Optuna)
+from .calibrate import calibrate
 from .capture import CaptureError, capture
 from .optimize import OptimizedModule, optimize
+from .policy_search import search_policy
 from .report import RewriteReport
 
 
@@ -16,5 +18,6 @@ def export_onnx(*args, **kwargs):
     return _export_onnx(*args, **kwargs)
 
 
-__all__ = ["optimize", "capture", "export_onnx", "autotune", "CaptureError", "OptimizedModule", "RewriteReport"]
+__all__ = ["optimize", "capture", "export_onnx", "autotune", "calibrate", "search_policy", "CaptureError",
+           "OptimizedModule", "RewriteReport"]
 __version__ = "0.1.0"

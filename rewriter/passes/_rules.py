@@ -193,7 +193,8 @@ def apply_rules(
     for site in refused.values():
         report.add(site)
     for site in dict.fromkeys(rw.site for rw in done):
-        report.add(site)
+        if site not in report.sites:  # a site this rule extended is already recorded: one record per site
+            report.add(site)
     gm.recompile()
     return done
 

@@ -10,11 +10,13 @@ rolled back for being approximate, only for producing non-finite values.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..graph import module_path, val
 from ..report import Site
@@ -27,7 +29,10 @@ from .policy import POLICY_KEYS, Policy
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
-__all__ = ["AttentionSite", "Form", "FORMS", "form", "run"]
+__all__ = ["AttentionSite", "Form", "FORMS", "form", "run", "new_parameter", "SITE_META"]
+
+# node.meta key of a replacement node: what rewriter.calibrate needs to know about its site
+SITE_META = "rewriter_attention_site"
 
 
 @dataclass
@@ -61,21 +66,67 @@ class Form:
     build: Callable[[fx.GraphModule, AttentionSite, dict[str, Any]], tuple[fx.Node | None, str | None, dict]]
 
 
-# form name -> the module defining it (imported on use: no import-time registration)
+# form name -> the module defining it (imported on use: no import-time registration);
+# "per_layer" is defined here: each layer names its own form (see `_per_layer`)
 FORMS = {
     "linear": "linear_attention",
     "agent": "agent_attention",
     "sliding_window": "window_attention",
     "window2d": "window_attention",
     "neighborhood": "window_attention",
+    "per_layer": None,
 }
+FULL = "full"  # per_layer: this layer keeps softmax attention
 
 
 def form(name: str) -> Form:
     if name not in FORMS:
         raise ValueError(f"attention must be one of {sorted(FORMS)} (or None for exact rewrites only), not {name!r}")
+    if name == "per_layer":
+        return _per_layer()
     module = importlib.import_module(f"{__package__}.{FORMS[name]}")
     return module.FORMS[name]
+
+
+def _per_layer() -> Form:
+    """A form that lets every layer pick its own: option `form` ("full" or a form name, one
+    per layer as a list or a callable), and the other forms' options, also per layer
+    (None = that form's default). This is how a per-layer policy (e.g. the one
+    `rewriter.search_policy` finds) is written as optimize() options."""
+    forms = {name: form(name) for name in FORMS if name != "per_layer"}
+    defaults: dict[str, Any] = {"form": None}
+    for f in forms.values():
+        defaults.update({k: None for k in f.defaults})
+
+    def build(gm, s, p):
+        name = p.get("form")
+        if name in (None, FULL):
+            return None, f"kept full attention: form={FULL!r} for this layer (per_layer)", {}
+        if name not in forms:
+            raise ValueError(f"per_layer: form must be {FULL!r} or one of {sorted(forms)}, not {name!r}")
+        f = forms[name]
+        params = {k: (v if p.get(k) is None else p[k]) for k, v in f.defaults.items()}
+        node, reason, used = f.build(gm, s, params)
+        return node, reason, ({"form": name, **used} if node is not None else used)
+
+    return Form("per_layer", "per_layer", defaults, build)
+
+
+def new_parameter(gm: fx.GraphModule, s: "AttentionSite", role: str, value: torch.Tensor) -> fx.Node:
+    """Register `value` as a trainable parameter of `gm` that this site's rewrite introduces
+    (what `rewriter.calibrate` trains; it saves with `.pt2` and exports to ONNX as an
+    initializer) and return a get_attr node for it at the current insert point."""
+    base = re.sub(r"\W+", "_", module_path(s.node)).strip("_") or "site"
+    name, i = f"{base}_{role}", 1
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{role}_{i}"
+    param = nn.Parameter(value.detach().clone())
+    gm.register_parameter(name, param)
+    node = gm.graph.get_attr(name)
+    mode = torch._guards.detect_fake_mode([val(s.q)])
+    node.meta["val"] = mode.from_tensor(param, static_shapes=True) if mode is not None else param
+    return node
 
 
 def check_options(f: Form, options: dict[str, Any]) -> None:
@@ -120,12 +171,22 @@ def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True)
             site.refuse(plan.reason)
             continue
         params = {**f.defaults, **policy.params_for(index)}
+        before = set(dict(gm.named_parameters(remove_duplicate=False)))
         with gm.graph.inserting_before(node):
-            new, reason, used = f.build(gm, _site(node, index, plan, gm), params)
+            s = _site(node, index, plan, gm)
+            new, reason, used = f.build(gm, s, params)
         if reason:
             site.refuse(reason)
             continue
+        learnable = [n for n in dict(gm.named_parameters(remove_duplicate=False)) if n not in before]
         site.params = {**used, "causal": plan.causal, "key_padding_mask": plan.carry}
+        if learnable:
+            site.params["learnable"] = learnable
+        if "form" in used:  # per_layer: the site says what it became
+            site.action = form(used["form"]).action
+        new.meta[SITE_META] = {"location": site.location, "q": s.q, "k": s.k, "v": s.v, "key_mask": s.key_mask,
+                               "scale": s.scale, "causal": s.causal, "learnable": learnable,
+                               "action": site.action, "layer": index}
         node.replace_all_uses_with(new)
         done.append(Rewrite(site, node, new))
     gm.graph.lint()

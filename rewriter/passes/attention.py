@@ -26,9 +26,9 @@ __all__ = ["ATTENTION_RULES", "GQA_RULES"]
 B, H, L, E = 2, 2, 5, 4
 
 
-def _attention(q, kt, v, scale, mask, fill, *, mm: str, scale_op: str, mask_op: str, softmax_cast: str):
-    if mm == "baddbmm":
-        s = torch.baddbmm(mask, q, kt)
+def _attention(q, kt, v, scale, mask, fill, bias, *, mm: str, scale_op: str, mask_op: str, softmax_cast: str):
+    if mm == "baddbmm":  # an additive bias of its own (e.g. ALiBi), scaled with the scores; then any mask
+        s = torch.baddbmm(bias, q, kt)
     elif mm == "bmm":
         s = torch.bmm(q, kt)
     else:
@@ -69,6 +69,7 @@ def _inputs(v: dict) -> dict[str, torch.Tensor]:
         "scale": torch.tensor(0.5, dtype=dt),
         "mask": torch.rand(*lead, L, L) > 0.5 if bool_mask else torch.randn(*lead, L, L, dtype=dt),
         "fill": torch.tensor(-1e4, dtype=dt),
+        "bias": torch.randn(*lead, L, L, dtype=dt),
     }
 
 
@@ -147,8 +148,12 @@ def _check(m: Match) -> str | None:
         ba = args_of(bm)
         if ba.get("beta", 1) != 1 or ba.get("alpha", 1) != 1:
             return "baddbmm with alpha/beta ≠ 1"
+    if m.variant["mm"] == "baddbmm":
+        bv = val(m.inputs["bias"])
+        if not (isinstance(bv, torch.Tensor) and bv.is_floating_point()):
+            return "baddbmm's input is not a floating-point bias"
     mask_op = m.variant["mask_op"]
-    if mask_op != "none" or m.variant["mm"] == "baddbmm":
+    if mask_op != "none":
         mv = val(m.inputs["mask"])
         if not isinstance(mv, torch.Tensor):
             return "mask is not a tensor"
@@ -198,9 +203,16 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
             scale = 1.0 / c if op == "div" else c
         else:  # a runtime scalar: scale q by it, exactly as the scores were
             q = call(g, aten.div.Tensor if op == "div" else aten.mul.Tensor, (q, s), like=m.output)
+    bias = None
+    if m.variant["mm"] == "baddbmm":  # (bias + q·kᵀ)·scale: the scale applies to the bias too
+        bias = m.inputs["bias"]
+        if val(bias).dtype != dtype:
+            bias = call(g, aten.to.dtype, (bias, dtype), like=m.output)
+        if op != "none":
+            bias = call(g, aten.div.Tensor if op == "div" else aten.mul.Tensor, (bias, m.inputs["scale"]), like=m.output)
     mask = None
     mask_op = m.variant["mask_op"]
-    if m.variant["mm"] == "baddbmm" or mask_op in ("add", "radd"):
+    if mask_op in ("add", "radd"):
         mask = m.inputs["mask"]
         if val(mask).dtype != dtype:
             mask = call(g, aten.to.dtype, (mask, dtype), like=m.output)
@@ -225,6 +237,14 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
                 mask = call(g, aten.masked_fill.Scalar, (zeros, call(g, aten.logical_not.default, (keep,), like=m.output), fill), like=m.output)
             if val(mask).dtype != dtype:
                 mask = call(g, aten.to.dtype, (mask, dtype), like=m.output)
+    if bias is not None:  # one additive mask: the bias where the mask keeps, -inf where it masks
+        if mask is None:
+            mask = bias
+        elif val(mask).dtype == torch.bool:
+            mask = call(g, aten.masked_fill.Scalar, (bias, call(g, aten.logical_not.default, (mask,), like=m.output),
+                                                      float("-inf")), like=m.output)
+        else:
+            mask = call(g, aten.add.Tensor, (bias, mask), like=m.output)
     if val(q).dim() == 3:  # [B·H, L, E] (bmm style): the canonical node is 4-D, with a batch of one
         q, k, v = (call(g, aten.unsqueeze.default, (t, 0), like=m.output) for t in (q, k, v))
         if mask is not None and val(mask).dim() == 3:

@@ -82,6 +82,21 @@ def test_forward_half(feature_map, normalize, causal, dtype):
     assert_close(out, ref(q, k, v, mask, feature_map, causal, normalize), dtype=dtype)
 
 
+def features(q, k):
+    """Non-negative rows, as a learned feature map computed before the op gives them
+    (feature_map="identity": the denominator φ(q)·z must stay positive)."""
+    return q.float().softmax(-1).to(q.dtype), k.float().softmax(-1).to(k.dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_forward_identity_feature_map(normalize, causal):
+    q, k, v, mask = make()
+    q, k = features(q, k)
+    out = la.linear_attention(q, k, v, mask, "identity", causal, normalize, 3.0, 1e-6)
+    assert_close(out, ref(q, k, v, mask, "identity", causal, normalize))
+
+
 def test_cross_attention_no_mask_other_power():
     """Nq != Nk, no key mask, MHA (H == Hk), a fractional focusing power, Dv not a power of two."""
     q, k, v, _ = make(B=1, H=2, Hk=2, Nq=20, Nk=77, Dv=24, masked=False)
@@ -140,6 +155,19 @@ def test_backward_fp32(feature_map, normalize):
     for name, a, e in zip("qkv", got, expected):
         assert a.shape == e.shape, name
         assert_close(a, e, tol=2e-5)  # a sum over the group's queries and the keys more than the forward
+
+
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_backward_identity_feature_map(normalize):
+    q, k, v, mask = make(Nq=20, Nk=45)
+    q, k = features(q, k)
+    grad_out = torch.randn(2, 4, 20, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out, got = grads(lambda *t: la.linear_attention(*t, mask, "identity", False, normalize, 3.0, 1e-6), q, k, v,
+                     grad_out)
+    expected_out, expected = grads(lambda *t: ref(*t, mask, "identity", False, normalize), q, k, v, grad_out)
+    assert_close(out, expected_out)
+    for a, e in zip(got, expected):
+        assert_close(a, e, tol=2e-5)
 
 
 @pytest.mark.parametrize("config,normalize", zip(CONFIGS, NORMALIZATIONS), ids=["small-split", "large"])

@@ -14,7 +14,7 @@ from .chunk import chunk_causal_linear_attention
 
 __all__ = ["linear_attention", "apply_feature_map", "FEATURE_MAPS", "NORMALIZATIONS"]
 
-FEATURE_MAPS = ("elu", "relu", "focused")
+FEATURE_MAPS = ("elu", "relu", "focused", "identity")
 NORMALIZATIONS = ("denominator", "output_norm")
 
 
@@ -24,8 +24,13 @@ def apply_feature_map(x: torch.Tensor, kind: str, power: float = 3.0) -> torch.T
     "elu": elu(x) + 1 (Katharopoulos et al. 2020). "relu": relu(x). "focused": FLatten's
     map ‖relu(x)‖ · relu(x)^p / ‖relu(x)^p‖, which sharpens the direction while keeping
     the norm; relu(x) is divided by its row max first (the map is scale-invariant there)
-    so x^p cannot underflow, and an all-zero row maps to zero.
+    so x^p cannot underflow, and an all-zero row maps to zero. "identity": x unchanged, for
+    inputs that already are features (a learned map computed in the graph before the op,
+    e.g. the Hedgehog map of `rewriter.calibrate`); they must be non-negative for the
+    denominator to stay positive.
     """
+    if kind == "identity":
+        return x
     if kind == "elu":
         return F.elu(x) + 1.0
     if kind == "relu":

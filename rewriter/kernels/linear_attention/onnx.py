@@ -14,6 +14,8 @@ TINY = 1.1754943508222875e-38  # fp32 tiny: guards the focused map's divisions
 
 
 def _feature_map(x, kind: str, power: float):
+    if kind == "identity":
+        return x
     if kind == "elu":
         return op.Add(op.Elu(x), op.Constant(value_float=1.0))
     if kind == "relu":

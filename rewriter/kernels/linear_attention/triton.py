@@ -52,7 +52,9 @@ def _focused_parts(b_x, POWER):
 @triton.jit
 def _feature_map(b_x, m_d, FEATURE_MAP: tl.constexpr, POWER):
     """φ(x) over the last dim of a [BN, BD] fp32 tile; columns outside `m_d` come out 0."""
-    if FEATURE_MAP == "elu":
+    if FEATURE_MAP == "identity":
+        b_phi = b_x
+    elif FEATURE_MAP == "elu":
         b_phi = tl.where(b_x > 0, b_x + 1.0, tl.exp(tl.minimum(b_x, 0.0)))
     elif FEATURE_MAP == "relu":
         b_phi = tl.maximum(b_x, 0.0)
@@ -65,7 +67,9 @@ def _feature_map(b_x, m_d, FEATURE_MAP: tl.constexpr, POWER):
 @triton.jit
 def _feature_map_bwd(b_x, b_g, FEATURE_MAP: tl.constexpr, POWER):
     """dL/dx given g = dL/dφ(x), both [BN, BD] fp32 (the feature map's vector-Jacobian product)."""
-    if FEATURE_MAP == "elu":
+    if FEATURE_MAP == "identity":
+        b_dx = b_g
+    elif FEATURE_MAP == "elu":
         b_dx = tl.where(b_x > 0, b_g, b_g * tl.exp(tl.minimum(b_x, 0.0)))
     elif FEATURE_MAP == "relu":
         b_dx = tl.where(b_x > 0, b_g, 0.0)
@@ -530,9 +534,9 @@ def linear_attention(q, k, v, key_mask, feature_map, causal, normalize, power, e
 
     q: [B, H, Nq, D]; k: [B, Hk, Nk, D]; v: [B, Hk, Nk, Dv]; Hk divides H (query head h reads
     kv head h // (H / Hk)); key_mask: bool [B, Nk] or None (False = padding, zero weight).
-    feature_map: "elu" | "relu" | "focused" (power p); causal needs Nq == Nk; normalize:
-    "denominator" (o = φ(q)S / (φ(q)·z + eps)) or "output_norm" (RMSNorm over Dv, eps inside
-    the sqrt). Returns [B, H, Nq, Dv] in q.dtype, computed in fp32.
+    feature_map: "elu" | "relu" | "focused" (power p) | "identity" (q, k are features already);
+    causal needs Nq == Nk; normalize: "denominator" (o = φ(q)S / (φ(q)·z + eps)) or "output_norm"
+    (RMSNorm over Dv, eps inside the sqrt). Returns [B, H, Nq, Dv] in q.dtype, computed in fp32.
 
     config: a dict over `config.PARAMS` (None: the search space's default for the shape).
     fp16/bf16/fp32 with D, Dv <= 128 run the kernels; anything else (fp64, wider heads,
