@@ -46,3 +46,18 @@ def test_attention_speed_quick(tmp_path):
             assert row["sites_applied"] == "12/12", row
     assert rows["original"]["rel_l2"] == 0.0 and rows["original"]["speedup"] == 1.0
     assert rows["exact"]["rel_l2"] < 1e-4
+
+
+def test_tuner_quality_quick(tmp_path):
+    bench = _load("tuner_quality")
+    result = bench.main(["--quick", "--kernels", "window_attention_2d", "sliding_window_attention",
+                         "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("tuner_quality-cpu-*-quick.json")
+    assert json.loads(path.read_text())["rows"] == result["rows"]
+    rows = {r["kernel"]: r for r in result["rows"]}
+    assert set(rows) == {"window_attention_2d", "sliding_window_attention"}
+    for row in rows.values():
+        table = [ms for _, ms in row["exhaustive_table"]]
+        assert len(table) == row["space_valid_configs"] and row["exhaustive_best_ms"] == min(table)
+        assert 1.0 <= row["tpe_replay_mean_ratio"] <= row["tpe_replay_worst_ratio"]
+        assert row["tpe_trials"] <= max(1, math.ceil(0.25 * row["space_valid_configs"]))
