@@ -25,6 +25,7 @@ MAIN_EXAMPLES = """examples:
   rewriter inspect gpt.pt2 --json
   rewriter autotune examples/nanogpt.py:build --attention linear
   rewriter cache show
+  rewriter search examples/nanogpt.py:build --min-fidelity 0.95
 
 MODEL is path/to/file.py:factory or package.module:factory (a callable returning
 (model, example_inputs)), or a .pt2 saved by torch.export.save with its example inputs.
@@ -355,6 +356,67 @@ def run_inspect(args) -> int:
     return 1 if found["failed_checks"] else 0
 
 
+# ----------------------------------------------------------------------------- search
+
+SEARCH_EXAMPLES = """examples:
+  rewriter search examples/nanogpt.py:build --min-fidelity 0.95
+  rewriter search MODEL --trials 60 --latency estimate --save chosen.pt2 --json
+
+Fidelity is the mean cosine of the outputs to the original's on MODEL's example inputs; for
+your own data (and calibration), use rewriter.search_policy / rewriter.calibrate in Python.
+"""
+
+
+def add_search(sub) -> None:
+    p = _subcommand(sub, "search", "search per-layer attention replacements on the latency/fidelity Pareto front",
+                    "An Optuna multi-objective study over per-layer choices (keep full attention, linear, window "
+                    "sizes, neighbourhood kernels, agent counts) measuring latency on this machine and fidelity on "
+                    "the example inputs; prints the Pareto front and applies the fastest point that keeps "
+                    "--min-fidelity.", SEARCH_EXAMPLES)
+    _model_argument(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--min-fidelity", type=float, default=0.95, help="fidelity the chosen point keeps (default 0.95)")
+    g.add_argument("--trials", type=int, default=30, help="policies tried beyond the uniform ones (default 30)")
+    g.add_argument("--latency", choices=["measure", "estimate"], default="measure",
+                   help="measure on this machine, or estimate from attention multiply-adds (deterministic)")
+    g.add_argument("--save", help="write the chosen point's rewritten program as .pt2")
+    _common_arguments(p, "print the front and the chosen point as JSON")
+    p.set_defaults(run=run_search)
+
+
+def run_search(args) -> int:
+    import torch
+
+    import rewriter
+
+    if not 0.0 <= args.min_fidelity <= 1.0:
+        raise UsageError("--min-fidelity must be between 0 and 1")
+    if args.trials < 0:
+        raise UsageError("--trials must be 0 or more")
+    save = check_writable(args.save, "--save") if args.save else None
+    source = _load(args.model)
+    with _progress("searching per-layer policies"):
+        try:
+            result = rewriter.search_policy(source.model, source.args, [(source.args, source.kwargs)],
+                                            example_kwargs=source.kwargs or None, min_fidelity=args.min_fidelity,
+                                            n_trials=args.trials, latency=args.latency, progress=False)
+        except rewriter.CaptureError as e:
+            raise UsageError(" ".join(line.strip() for line in str(e).splitlines()[:2])) from e
+    if save is not None and result.module is not None:
+        with _staged() as temp_for:
+            torch.export.save(result.module.export(*source.args, **source.kwargs), temp_for(save))
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        console = _console()
+        console.print(result.table())
+        if result.chosen is None:
+            console.print(f"no point keeps fidelity >= {args.min_fidelity}; nothing applied")
+        elif save is not None:
+            console.print(f"saved the chosen point as {args.save}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 # One function per subcommand: each adds its parser and sets `run`. Add new ones here.
@@ -364,7 +426,7 @@ def _tuning_commands() -> list[Callable]:
     return [add_autotune, add_cache]
 
 
-COMMANDS: list[Callable] = [add_inspect, add_optimize, add_export, *_tuning_commands()]
+COMMANDS: list[Callable] = [add_inspect, add_optimize, add_export, add_search, *_tuning_commands()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -343,3 +343,23 @@ def test_verification_failure_exits_1(capsys, monkeypatch):
     out = capsys.readouterr()
     assert "rolled_back" in out.out
     assert out.err.strip() == "rewriter: verification failed: 14 rewrite(s) rolled back after failing verification (see the report)"
+
+
+def test_search_prints_the_front_and_saves_the_chosen_point(capsys, tmp_path):
+    out = tmp_path / "chosen.pt2"
+    assert main(["search", "examples/nanogpt.py:build", "--trials", "2", "--latency", "estimate",
+                 "--save", str(out), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["chosen"] is not None and found["chosen"]["fidelity"] >= 0.95
+    assert found["options"]["attention"] == "per_layer" and found["front"]
+    assert out.is_file() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "examples/nanogpt.py:build", "--min-fidelity", "1.5"], "--min-fidelity must be between 0 and 1"),
+    (["search", "examples/nanogpt.py:build", "--save", "/nonexistent/dir/x.pt2"], "--save"),
+])
+def test_search_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
