@@ -83,19 +83,9 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without installing
 from rewriter.verify import TOLERANCE, error  # noqa: E402
 
 
-def _load_attention_speed():
-    """benchmarks/attention_speed.py as a module (benchmarks/ is not a package)."""
-    name = "_benchmark_attention_speed"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "attention_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-AS = _load_attention_speed()
+if str(HERE) not in sys.path:  # the sibling benchmarks import as modules
+    sys.path.insert(0, str(HERE))
+import attention_speed as AS  # noqa: E402  (its ViT builder and machine description)
 
 GROUPS = ["norms", "sliding_window", "neighborhood", "swin", "linear_attention", "agent_attention"]
 DTYPE = torch.bfloat16

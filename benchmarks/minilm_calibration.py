@@ -30,9 +30,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import os
-import platform
-import re
 import shlex
 import sys
 import time
@@ -47,6 +44,10 @@ if str(ROOT) not in sys.path:  # tests.models.minilm lives in the repository, no
 
 import rewriter  # noqa: E402
 from tests.models.minilm import encode, load_minilm, load_sentences  # noqa: E402
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling benchmarks import as modules
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_speed import machine, slug  # noqa: E402  (the benchmarks' one machine description)
 
 NAME = "minilm_calibration"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -69,32 +70,6 @@ SEARCH_CHOICES = {
 
 
 # ---------------------------------------------------------------------------- machine
-
-
-def machine() -> dict:
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or platform.machine()
-    try:
-        from importlib.metadata import version
-
-        triton = version("triton")
-    except Exception:
-        triton = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "triton": triton}
-
-
-def slug(m: dict) -> str:
-    """As benchmarks/attention_speed.py: 'AMD EPYC' on 2 cores -> 'cpu-amd-epyc-2c'."""
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", " ", m["cpu"].lower())
-    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-    return f"cpu-{name}-{m['cores']}c"
 
 
 # ---------------------------------------------------------------------------- data
@@ -269,8 +244,6 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     def log(msg):
         print(msg, flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import shlex
@@ -32,20 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks import as modules
 import rewriter  # noqa: E402,F401  (registers the ops)
 from rewriter.autotune.cache import Cache, current_device  # noqa: E402
 from rewriter.autotune.tuner import Tunable, tunable, tune  # noqa: E402
+from attention_speed import machine, slug  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTION = 0.25  # TPE's trials as a share of the exhaustive run's
-
-
-def _attention_speed():
-    path = Path(__file__).resolve().parent / "attention_speed.py"
-    spec = importlib.util.spec_from_file_location("attention_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cases(quick: bool, device: str) -> list[tuple[str, str, tuple]]:
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m = _attention_speed().machine()
+    m = machine()
     if device == "cuda":
         m["gpu"] = torch.cuda.get_device_name()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": m, "device": device, "wall_s": time.perf_counter() - started, "rows": rows,
     }
-    name = _attention_speed().slug(m) if device == "cpu" else "gpu-" + current_device("cuda").slug
+    name = slug(m) if device == "cpu" else "gpu-" + current_device("cuda").slug
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"tuner_quality-{name}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

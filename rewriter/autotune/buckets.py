@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .space import next_pow2
+
 __all__ = ["bucket", "RULE", "VARYING"]
 
 RULE = "pow2"
 # shape keys that vary between calls of one model (rounded up to a power of two)
 VARYING = frozenset({"b", "n", "nq", "nk", "rows"})
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _text(value: Any) -> str:
@@ -38,6 +36,6 @@ def bucket(shape: dict[str, Any]) -> str:
             continue
         value = shape[name]
         if name in VARYING and isinstance(value, int) and not isinstance(value, bool):
-            value = _pow2(value)
+            value = next_pow2(value)
         parts.append(f"{name}{_text(value)}")
     return f"{RULE}:" + "-".join(parts)

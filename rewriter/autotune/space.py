@@ -14,7 +14,17 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Space", "space", "KERNELS"]
+__all__ = ["Space", "space", "KERNELS", "next_pow2", "dot_tile"]
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def dot_tile(n: int) -> int:
+    """The tile covering `n` in one block: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_pow2(n))
 
 
 @dataclass(frozen=True)

@@ -132,11 +132,13 @@ layer_norm.register_autograd(_backward_through(_layer_norm_ref, "layer_norm"), s
 from . import attention_ops  # noqa: E402,F401  (registers the approximate-attention ops)
 
 
+_REFERENCES = {"rms_norm": _rms_norm_ref, "crms_norm": _crms_norm_ref, "layer_norm": _layer_norm_ref,
+               **{o._name.split("::")[-1]: ref for o, ref in attention_ops.OPS.items()}}
+
+
 def reference(op: str):
     """The reference of `op`: called with the op's positional arguments, then (keywords)
     the CPU knobs its config space declares."""
-    found = {"rms_norm": _rms_norm_ref, "crms_norm": _crms_norm_ref, "layer_norm": _layer_norm_ref,
-             **{o._name.split("::")[-1]: ref for o, ref in attention_ops.OPS.items()}}
-    if op not in found:
-        raise KeyError(f"no rewriter op {op!r}; known: {sorted(found)}")
-    return found[op]
+    if op not in _REFERENCES:
+        raise KeyError(f"no rewriter op {op!r}; known: {sorted(_REFERENCES)}")
+    return _REFERENCES[op]

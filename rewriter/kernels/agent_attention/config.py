@@ -33,7 +33,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rewriter.autotune.space import Space
+from rewriter.autotune.space import Space, next_pow2
+from rewriter.autotune.space import dot_tile as _block
 
 __all__ = ["SPACE", "PARAMS", "keep", "default", "shape_of", "num_agents_of", "next_pow2"]
 
@@ -50,15 +51,6 @@ PARAMS: dict[str, list] = {
     "num_warps": [2, 4, 8],
     "num_stages": [1, 2, 3],
 }
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _block(n: int) -> int:
-    """The tile covering `n` in one block: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, next_pow2(n))
 
 
 def num_agents_of(nq: int, num_agents: int, grid, prefix: int) -> int:

@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import PARAMS, SPACE, keep, num_agents_of, shape_of
+from rewriter.autotune.space import dot_tile as _block
+
+from .config import PARAMS, SPACE, keep, shape_of
 from .naive import _check
 from .naive import agent_attention as _reference
 
@@ -219,11 +221,6 @@ def _agent_attention_read_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-
-
-def _block(n: int) -> int:
-    """One tile covering `n`: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(int(n)))
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.autotune.space import Space
+from rewriter.autotune.space import Space, next_pow2
+from rewriter.autotune.space import dot_tile as _block
 
 __all__ = ["SPACE", "CPU_SPACE", "PARAMS", "keep", "default", "next_pow2", "shape_of"]
 
@@ -44,15 +45,6 @@ PARAMS: dict[str, list] = {
     "num_warps": [2, 4, 8],
     "num_stages": [1, 2, 3],
 }
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _block(n: int) -> int:
-    """The tile covering `n` in one block: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, next_pow2(n))
 
 
 def keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewriter.autotune.space import dot_tile as _block
+
 from .config import PARAMS, SPACE
 from .naive import _check
 from .naive import linear_attention as _reference
@@ -323,11 +325,6 @@ def _linear_attention_chunk_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-
-
-def _block(n: int) -> int:
-    """One tile covering `n`: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(int(n)))
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.autotune.space import Space
+from rewriter.autotune.space import Space, next_pow2
 
 __all__ = ["SPACES", "PARAMS", "keep", "default", "next_pow2", "shape_of"]
 
@@ -42,10 +42,6 @@ PARAMS: dict[str, list] = {
     "ROWS_PER_PROGRAM": [1, 2, 4, 8, 16, 32, 64, 128, 256],
     "num_warps": [1, 2, 4, 8, 16],
 }
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def keep(config: dict[str, Any], shape: dict[str, Any], width: int | None = None) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.autotune.space import Space
+from rewriter.autotune.space import Space, next_pow2
 
 from .grid_config import SPACES as _GRID_SPACES
 from .grid_config import neighborhood_shape_of, window_shape_of
@@ -30,20 +30,16 @@ __all__ = ["SPACES", "CPU_SPACES"]
 SPACES = {"sliding_window_attention": _SLIDING_SPACE, **_GRID_SPACES}
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _sliding_limit(shape: dict[str, Any]) -> int:
     """The largest useful block: one covering a dilation group's tokens."""
-    return max(16, _pow2_at_least(-(-int(shape["n"]) // int(shape["dilation"]))))
+    return max(16, next_pow2(-(-int(shape["n"]) // int(shape["dilation"]))))
 
 
 def _neighborhood_limits(shape: dict[str, Any]) -> tuple[int, int]:
     """The largest useful tile: one covering a dilation group's grid rows and columns."""
     rows = -(-int(shape["grid_h"]) // int(shape["dilation_h"]))
     cols = -(-int(shape["grid_w"]) // int(shape["dilation_w"]))
-    return max(2, _pow2_at_least(rows)), max(4, _pow2_at_least(cols))
+    return max(2, next_pow2(rows)), max(4, next_pow2(cols))
 
 
 def _sliding_keep(config: dict[str, Any], shape: dict[str, Any]) -> bool:

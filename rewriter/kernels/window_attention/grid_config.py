@@ -46,7 +46,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.autotune.space import Space
+from rewriter.autotune.space import Space, next_pow2
+from rewriter.autotune.space import dot_tile as block
 
 __all__ = ["SPACES", "WINDOW_PARAMS", "NEIGHBORHOOD_PARAMS", "next_pow2", "block", "window_shape_of",
            "neighborhood_shape_of"]
@@ -80,15 +81,6 @@ NEIGHBORHOOD_PARAMS: dict[str, list] = {
     "num_warps": [2, 4, 8],
     "num_stages": [1, 2, 3],
 }
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def block(n: int) -> int:
-    """The tile covering `n` in one block: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, next_pow2(n))
 
 
 def _pair(x) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import torch
 
 from ._tiles import MAX_SCORES, Tiles, check_inputs, dense_rows, inverse, pair, positive, prepare, run_tiles
 
-__all__ = ["sliding_window_attention", "window_attention_2d", "neighborhood_attention_2d"]
+__all__ = ["sliding_window_attention", "window_attention_2d", "neighborhood_attention_2d", "check_sliding_arguments"]
 
 
 def _ceil_div(a, b):
@@ -79,6 +79,21 @@ def _band_tiles(n, window, causal, dilation, sinks, block_size, device) -> Tiles
     )
 
 
+def check_sliding_arguments(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale) -> None:
+    """The op's argument checks (shared by the reference and the Triton launcher)."""
+    op = "sliding_window_attention"
+    check_inputs(q, k, v, key_mask, scale, op)
+    positive(window, "window", op)
+    positive(dilation, "dilation", op)
+    if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+        raise ValueError(f"{op}: sinks must be an int >= 0 (how many leading tokens everyone sees); got {sinks!r}.")
+    if global_sinks and causal:
+        raise ValueError(
+            f"{op}: global_sinks=True lets the sink tokens see *later* tokens, which a causal model "
+            "must not; pass causal=False (Longformer-style) or global_sinks=False."
+        )
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,18 +123,8 @@ def sliding_window_attention(
     every token is a sink. `block_size`: queries per tile, `max_scores`: elements of one score
     block (tuning knobs, not semantics).
     """
-    op = "sliding_window_attention"
-    check_inputs(q, k, v, key_mask, scale, op)
-    positive(window, "window", op)
-    positive(dilation, "dilation", op)
-    positive(block_size, "block_size", op)
-    if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
-        raise ValueError(f"{op}: sinks must be an int >= 0 (how many leading tokens everyone sees); got {sinks!r}.")
-    if global_sinks and causal:
-        raise ValueError(
-            f"{op}: global_sinks=True lets the sink tokens see *later* tokens, which a causal model "
-            "must not; pass causal=False (Longformer-style) or global_sinks=False."
-        )
+    check_sliding_arguments(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale)
+    positive(block_size, "block_size", "sliding_window_attention")
     n = q.shape[2]
     if n == 0:
         return q.new_empty(*q.shape[:3], v.shape[-1])

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.autotune.space import Space
+from rewriter.autotune.space import Space, next_pow2
+from rewriter.autotune.space import dot_tile as _block
 
 __all__ = ["SPACE", "PARAMS", "keep", "default", "shape_of", "band", "next_pow2"]
 
@@ -47,15 +48,6 @@ PARAMS: dict[str, list] = {
 }
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _block(n: int) -> int:
-    """The tile covering `n` in one block: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, next_pow2(n))
 
 
 def band(n: int, window: int, causal: bool, dilation: int) -> tuple[int, int, int]:

@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import check_inputs, positive
+from rewriter.autotune.space import dot_tile as _block
+
+from .naive import check_sliding_arguments
 from .naive import sliding_window_attention as _reference
 from .sliding_config import PARAMS, SPACE, band, shape_of
 
@@ -218,11 +220,6 @@ def _sliding_window_attention_global_kernel(
 # ---------------------------------------------------------------------------- launchers
 
 
-def _block(n: int) -> int:
-    """One tile covering `n`: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(int(n)))
-
-
 def _interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
     knobs = getattr(triton, "knobs", None)
@@ -257,21 +254,6 @@ def _resolve(config: dict | None, shape: dict) -> dict:
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ValueError(f"{op}: config['num_stages'] must be a positive int; got {stages!r}.")
     return config
-
-
-def _check(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale) -> None:
-    """The reference's argument checks, worded as it words them."""
-    op = "sliding_window_attention"
-    check_inputs(q, k, v, key_mask, scale, op)
-    positive(window, "window", op)
-    positive(dilation, "dilation", op)
-    if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
-        raise ValueError(f"{op}: sinks must be an int >= 0 (how many leading tokens everyone sees); got {sinks!r}.")
-    if global_sinks and causal:
-        raise ValueError(
-            f"{op}: global_sinks=True lets the sink tokens see *later* tokens, which a causal model "
-            "must not; pass causal=False (Longformer-style) or global_sinks=False."
-        )
 
 
 def _runs_here(q, k, v, dilation: int) -> bool:
@@ -388,7 +370,7 @@ def sliding_window_attention(q, k, v, key_mask, window, causal, dilation, sinks,
     tensors, CPU tensors without the interpreter, more than 65535 batch x heads or
     dilation groups) runs the reference.
     """
-    _check(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale)
+    check_sliding_arguments(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale)
     shape = shape_of(q, k, v, key_mask, window, causal, dilation, sinks, global_sinks, scale)
     config = _resolve(config, shape)
     if not _runs_here(q, k, v, dilation):
