@@ -141,3 +141,16 @@ def test_two_processes_tuning_at_once_lose_nothing(cache_dir):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     entries = rewriter.autotune.cache.default_cache("cpu").entries()
     assert sorted(k.split("|")[2].split("-n")[-1] for k in entries) == ["128", "64"]
+
+
+def test_refusals_say_why():
+    from rewriter.autotune.space import Space
+    from rewriter.autotune.tuner import Tunable, tunable
+
+    with pytest.raises(ValueError, match="nothing to tune on cpu"):
+        tunable("rms_norm", "cpu")
+    nothing = Space("fake", params={"BLOCK": [1]}, keep=lambda config, shape: False,
+                    default=lambda shape: {"BLOCK": 1}, shape_of=fake_kernel.shape_of)
+    t = Tunable("fake", "cpu", nothing, run=fake_kernel.run, reference=fake_kernel.reference, source="test")
+    with pytest.raises(ValueError, match="no config of its space fits"):
+        tune(t, (torch.randn(8),), save=False)
