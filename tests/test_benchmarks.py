@@ -59,5 +59,7 @@ def test_tuner_quality_quick(tmp_path):
     for row in rows.values():
         table = [ms for _, ms in row["exhaustive_table"]]
         assert len(table) == row["space_valid_configs"] and row["exhaustive_best_ms"] == min(table)
-        assert 1.0 <= row["tpe_replay_mean_ratio"] <= row["tpe_replay_worst_ratio"]
+        # The mean of equal ratios may differ from them in the last bit; allow for rounding.
+        slack = 1e-9
+        assert 1.0 - slack <= row["tpe_replay_mean_ratio"] <= row["tpe_replay_worst_ratio"] * (1 + slack)
         assert row["tpe_trials"] <= max(1, math.ceil(0.25 * row["space_valid_configs"]))
