@@ -31,7 +31,7 @@ def test_kernel_speed_quick(tmp_path):
     if not CUDA:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_speed.py"), "--quick", "--out-dir", str(tmp_path),
-                           *extra], cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=600)
+                           "--tune", "2", *extra], cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     files = list(tmp_path.glob("kernel_speed-*.json"))
@@ -71,6 +71,13 @@ def test_kernel_speed_quick(tmp_path):
         # from the op's semantics would show here), and none failed
         assert all(c["passed"] for c in r["checks"].values()), (where, r["checks"])
         assert r["errors"] == {}, (where, r["errors"])
+        # --tune 2: the tuner ran two configs of each forward kernel; its best was checked and timed
+        if r["name"] != "norms" or r["pass"] == "fwd":
+            assert r["tuned"]["trials_run"] == 2 and r["tuned"]["trials_failed"] == 0, (where, r["tuned"])
+            assert r["tuned"]["default_config"] and r["tuned"]["config"], where
+            assert r["checks"]["ours_tuned"]["passed"] and r["ms"]["ours_tuned"] > 0, where
+        else:
+            assert "tuned" not in r and "ours_tuned" not in r["ms"], where
         if r["name"] == "norms":
             assert r["ms"]["torch"] > 0 and r["checks"]["torch"]["passed"], where
             assert r["gbps"]["ours"] > 0 and r["ms"]["copy"] > 0 and r["fraction_of_copy"] is not None, where
