@@ -13,7 +13,8 @@
 # with default configs (no torch.compile baselines); autotune = `rewriter autotune` on CUDA;
 # tuned = kernel_speed.py --tune merged into the committed result of this GPU
 # (benchmarks/results/kernel_speed-<gpu>.json): the attention groups with torch.compile
-# baselines, then the norms with what time is left, all within TUNED_S seconds.
+# baselines, then the norms with what time is left, all within TUNED_S seconds; graph =
+# kernel_speed.py --cuda-graph --tune (the GPU's time without host launch overhead).
 #
 # Python packages the machine lacks (optuna and its needs, platformdirs) come as wheels in .whl/.
 set -u
@@ -60,6 +61,15 @@ step "autotune on CUDA (limit ${TUNE_S}s)"
 timeout -k 10 "$TUNE_S" python3 -m rewriter.cli autotune --device cuda --trials 6 --budget "$((TUNE_S - 20))" \
   --kernels sliding_window_attention neighborhood_attention_2d --json > "$OUT/autotune.json" 2> "$OUT/autotune.log"
 echo "autotune exit: $?"; tail -5 "$OUT/autotune.log"; head -c 3000 "$OUT/autotune.json"
+fi
+
+if has graph; then  # the GPU's own time (CUDA graph replays), default and tuned configs, no torch.compile
+  step "kernel speed, CUDA graphs, tuned (limit ${GRAPH_S:-280}s)"
+  timeout -k 10 "${GRAPH_S:-280}" python3 benchmarks/kernel_speed.py --cuda-graph --no-compile --tune 8 \
+    --tune-budget-s 15 --budget-s "$((${GRAPH_S:-280} * 2 / 3))" --out-dir "$OUT" \
+    --only sliding_window neighborhood swin linear_attention agent_attention norms \
+    2>&1 | tee "$OUT/kernel_speed_graph.log" | tail -30
+  echo "kernel_speed exit: ${PIPESTATUS[0]}"
 fi
 
 if has tuned; then

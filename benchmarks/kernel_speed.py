@@ -37,6 +37,11 @@ until the end), so a run cut short still leaves what it measured.
     python benchmarks/kernel_speed.py --budget-s 420        # start no case after 7 minutes
     python benchmarks/kernel_speed.py --quick               # small shapes; CPU smoke test too
     python benchmarks/kernel_speed.py --tune 20             # also the autotuner's best config per case
+    python benchmarks/kernel_speed.py --cuda-graph          # graph replays: no host launch overhead
+
+Kernels of a few tens of microseconds are timed as the host launches them (do_bench), so
+Python launch overhead and a busy host show in their times (two runs on one H200 differed by
+up to 1.7x on the norms); --cuda-graph times the GPU's own work.
 
 With --tune N, each case's kernel call (the norms: their forward) is also tuned by the
 autotuner (rewriter.autotune.tuner.tune: N configs of the kernel's space, default first, each
@@ -192,10 +197,14 @@ def _cleanup() -> None:
 class Timer:
     """Median milliseconds of fn(): do_bench on CUDA, a wall-clock median on CPU."""
 
-    def __init__(self, warmup_ms: int, rep_ms: int, cpu_reps: int):
+    def __init__(self, warmup_ms: int, rep_ms: int, cpu_reps: int, graph: bool = False):
         self.warmup_ms, self.rep_ms, self.cpu_reps = warmup_ms, rep_ms, cpu_reps
+        self.graph = graph and CUDA
 
     def describe(self) -> str:
+        if self.graph:
+            return (f"triton.testing.do_bench_cudagraph(rep={self.rep_ms}, return_mode='median'): replays of a CUDA "
+                    "graph of back-to-back calls, so no host launch overhead and no L2 flush; milliseconds per call")
         if CUDA:
             return (f"triton.testing.do_bench(warmup={self.warmup_ms}, rep={self.rep_ms}, return_mode='median'), "
                     "L2 flushed before each call; milliseconds")
@@ -206,6 +215,8 @@ class Timer:
         if CUDA:
             import triton.testing
 
+            if self.graph:
+                return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median"))
             return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
         samples = []  # no warm-up call: the correctness check ran (and warmed) each fn first
         for _ in range(self.cpu_reps):
@@ -835,6 +846,9 @@ def parse(argv):
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up (CUDA)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time (CUDA)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time replays of a CUDA graph (the GPU's time without host launch overhead); writes "
+                        "kernel_speed-<gpu>-cudagraph.json")
     p.add_argument("--cpu-reps", type=int, default=1, help="timed calls per measurement without CUDA")
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                    help="also autotune each kernel call (TRIALS configs, TPE) and time its best config as ours_tuned")
@@ -857,7 +871,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = args.only or GROUPS
     shapes = QUICK if args.quick else FULL
     m = machine()
-    path = args.out_dir / f"kernel_speed-{slug(m)}.json"
+    path = args.out_dir / f"kernel_speed-{slug(m)}{'-cudagraph' if args.cuda_graph and CUDA else ''}.json"
     command = shlex.join(["python", "benchmarks/kernel_speed.py", *argv])
     kept, commands = [], [command]
     if args.merge and path.exists():
@@ -874,7 +888,7 @@ def main(argv: list[str] | None = None) -> dict:
     def log(msg):
         print(msg, flush=True)
 
-    timer = Timer(args.warmup_ms, args.rep_ms, args.cpu_reps)
+    timer = Timer(args.warmup_ms, args.rep_ms, args.cpu_reps, graph=args.cuda_graph)
     rows: list[dict] = []
     result = {
         "benchmark": "kernel_speed",
