@@ -17,11 +17,39 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-__all__ = ["CaptureError", "Captured", "capture", "dynamic_shapes", "export_program", "trace_pattern"]
+__all__ = ["CaptureError", "ExampleInputsError", "Captured", "capture", "dynamic_shapes", "export_program",
+           "run_example", "trace_pattern"]
 
 
 class CaptureError(RuntimeError):
     """The model could not be captured as a graph; the message says where and what to try."""
+
+
+class ExampleInputsError(CaptureError, ValueError):
+    """The model itself fails on the example inputs (their number, shapes or dtypes do not fit it)."""
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+        return type(x).__name__
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts) or "no inputs"
+
+
+def run_example(model: nn.Module, args: tuple, kwargs: dict):
+    """The model's output on the example inputs (no grad); ExampleInputsError if it raises there."""
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the inputs do not fit the model: say so, once
+        where = _user_frame(e)
+        raise ExampleInputsError(
+            f"{type(model).__name__} raised {_first_line(e)} when called on the example inputs "
+            f"({_describe(args, kwargs)})" + (f"\n  at {where}" if where else "") +
+            "\n  try: pass example inputs the model runs on: as many as its forward takes, "
+            "with the shapes and dtypes it expects") from e
 
 
 @dataclass
@@ -181,6 +209,7 @@ def capture(
                 notes.append(f"torch.export failed ({_first_line(errors[-1][1])}); used torch.fx.symbolic_trace")
             return Captured(gm, "symbolic_trace", args, kwargs, {}, notes)
 
+    run_example(model, args, kwargs)  # inputs the model itself rejects: say that, not how capture failed
     lines = [f"could not capture {type(model).__name__} as a graph:"]
     for how, e in errors:
         where = _user_frame(e)

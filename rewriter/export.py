@@ -66,14 +66,33 @@ def _program(module, args: tuple, kwargs: dict, dims: int) -> torch.export.Expor
     from .capture import export_program
     from .optimize import OptimizedModule
 
+    from .capture import CaptureError
+
     if isinstance(module, torch.export.ExportedProgram):
         return module
-    if isinstance(module, OptimizedModule):
-        return module._export(args, kwargs, dims)
     if not isinstance(module, nn.Module):
         raise TypeError(f"export_onnx takes an nn.Module, an OptimizedModule or an ExportedProgram, "
                         f"not {type(module).__name__}")
-    return export_program(module, args, kwargs, dims)
+    try:
+        if isinstance(module, OptimizedModule):
+            return module._export(args, kwargs, dims)
+        return export_program(module, args, kwargs, dims)
+    except CaptureError:  # already says what to do
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.export's own error, from deep inside: say it in one line
+        raise ExportError(_cannot_export(getattr(module, "_original", module), args, kwargs, e)) from e
+
+
+def _cannot_export(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> str:
+    """Why torch.export refused: the inputs (ExampleInputsError, raised here) or the model."""
+    from .capture import _first_line, _user_frame, run_example
+
+    run_example(model, args, kwargs)  # inputs the model itself rejects: ExampleInputsError says so
+    where = _user_frame(exc)
+    return (f"torch.export cannot capture {type(model).__name__} for ONNX: {_first_line(exc)}"
+            + (f" (at {where})" if where else "")
+            + "; ONNX export needs a graph torch.export can take: remove data-dependent Python control flow "
+              "(use torch.where / torch.cond)")
 
 
 def _axes(ep: torch.export.ExportedProgram, why: str) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -148,10 +167,20 @@ def export_onnx(module, path: str | os.PathLike, example_inputs: Any = None, *, 
     if opset < 18:
         raise ValueError(f"opset must be >= 18 (the translations use opset-18 ops), not {opset}")
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; give a file name (e.g. {path / 'model.onnx'})")
     if not path.parent.exists():
         raise ExportError(f"the directory {path.parent} does not exist; create it first")
+    if not path.parent.is_dir():
+        raise ExportError(f"cannot write {path}: {path.parent} is not a directory; choose another path")
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"cannot write to {path.parent}: permission denied; choose another path")
+    try:  # os.access is not enough (root, read-only mounts): try it now, before the conversion's work
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".probe")
+    except OSError as e:
+        raise ExportError(f"cannot write to {path.parent}: {(e.strerror or str(e)).lower()}; choose another path") from e
+    os.close(fd)
+    os.remove(probe)
 
     fixed_why = ""
     attempts = (2, 1, 0) if dynamic else (0,)  # batch+sequence dynamic, then batch only, then static
@@ -205,8 +234,14 @@ def _check_and_save(program, ep, args, kwargs, path: Path, atol: float) -> float
     returns the max abs error against PyTorch."""
     import onnx
 
-    with torch.no_grad():
-        expected = _leaves(ep.module()(*args, **kwargs))
+    from .capture import _describe, _first_line
+
+    try:
+        with torch.no_grad():
+            expected = _leaves(ep.module()(*args, **kwargs))
+    except Exception as e:  # noqa: BLE001 - e.g. a dtype the model's weights do not take (export does not check)
+        raise ExportError(f"the model fails on the example inputs ({_describe(args, kwargs)}): {_first_line(e)}; "
+                          "pass example inputs of the shapes and dtypes the model expects") from e
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}.")
     os.close(fd)
     try:

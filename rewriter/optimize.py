@@ -12,9 +12,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from .capture import Captured, capture, export_program
+from .capture import Captured, capture, export_program, run_example
 from .graph import (common_subexpressions, dead_code_elimination, remove_identities, spell_out_arguments,
                     strip_export_plumbing)
 from .passes import PassContext, Rewrite, exact_passes
@@ -76,8 +77,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     report = RewriteReport(capture={"method": cap.method, "dynamic_dims": cap.dynamic_dims, "notes": cap.notes})
     args, kwargs = cap.example_args, cap.example_kwargs
     flat = flat_inputs(gm, args, kwargs)
-    with torch.no_grad():
-        expected = model(*args, **kwargs) if verify else None
+    expected = run_example(model, args, kwargs) if verify else None  # ExampleInputsError if they do not fit
     ctx = PassContext(gm, cap.method, report, dict(options))
     untouched = _copy_graph(gm.graph)
     done: list[Rewrite] = []
@@ -145,6 +145,24 @@ class _Entry:
     gm: fx.GraphModule
     report: RewriteReport
     captured: Captured
+    _inputs: list | None = None  # the placeholders' example values
+
+    def fits(self, args, kwargs) -> bool:
+        """Whether the inputs have the sizes this graph was captured for (its static dims:
+        export specialises e.g. a batch of 1, symbolic_trace every size)."""
+        if self._inputs is None:
+            self._inputs = [n.meta.get("val") for n in self.gm.graph.nodes if n.op == "placeholder"]
+        try:
+            flat = flat_inputs(self.gm, args, kwargs)
+        except Exception:  # noqa: BLE001 - another structure: another capture
+            return False
+        if len(flat) != len(self._inputs):
+            return False
+        for v, x in zip(self._inputs, flat):
+            if isinstance(v, torch.Tensor) and isinstance(x, torch.Tensor):
+                if v.dim() != x.dim() or any(is_concrete_int(s) and int(s) != xs for s, xs in zip(v.shape, x.shape)):
+                    return False
+        return True
 
 
 class OptimizedModule(nn.Module):
@@ -162,19 +180,35 @@ class OptimizedModule(nn.Module):
         self._entries: dict[tuple, _Entry] = {}
         self._last: _Entry | None = None
 
+    def _find(self, args, kwargs) -> _Entry | None:
+        sig = _signature(args, kwargs)
+        return next((e for (s, _), e in self._entries.items() if s == sig and e.fits(args, kwargs)), None)
+
     def _entry_for(self, args, kwargs) -> _Entry:
-        key = _signature(args, kwargs)
-        entry = self._entries.get(key)
-        if entry is None:
-            cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True))
-            gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
-            entry = self._entries[key] = _Entry(gm, report, cap)
-            self.add_module(f"graph_{len(self._entries) - 1}", gm)
+        entry = self._find(args, kwargs)
+        if entry is None:  # a new signature, or sizes the graphs captured so far were specialised against
+            entry = self._capture(args, kwargs)
+        self._last = entry
+        return entry
+
+    def _capture(self, args, kwargs) -> _Entry:
+        cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True))
+        gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
+        entry = self._entries[(_signature(args, kwargs), len(self._entries))] = _Entry(gm, report, cap)
+        self.add_module(f"graph_{len(self._entries) - 1}", gm)
         self._last = entry
         return entry
 
     def forward(self, *args, **kwargs):
-        return self._entry_for(args, kwargs).gm(*args, **kwargs)
+        entry = self._entry_for(args, kwargs)
+        try:
+            return entry.gm(*args, **kwargs)
+        except AssertionError as e:  # export's input guards run first: nothing was computed yet
+            if not str(e).startswith("Guard failed"):
+                raise
+        # the inputs break a condition the graph was captured under (e.g. a relation between sizes):
+        # capture for them (ExampleInputsError if the model itself rejects them)
+        return self._capture(args, kwargs).gm(*args, **kwargs)
 
     @property
     def report(self) -> RewriteReport:
@@ -194,7 +228,7 @@ class OptimizedModule(nn.Module):
         return self._export(args, kwargs, dims=2)
 
     def _export(self, args: tuple, kwargs: dict, dims: int) -> torch.export.ExportedProgram:
-        entry = self._entries.get(_signature(args, kwargs)) if args or kwargs else self._last
+        entry = self._find(args, kwargs) if args or kwargs else self._last
         if entry is None:
             entry = self._entry_for(args, kwargs)
         a = args or entry.captured.example_args
@@ -236,7 +270,12 @@ def optimize(
       `.autotune_report`). Off by default: inference never tunes unless asked.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+        hint = ""
+        if isinstance(model, torch.export.ExportedProgram):
+            hint = "; for an ExportedProgram pass ep.module() (its example inputs are ep.example_inputs)"
+        elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            hint = "; load a saved .pt2 with torch.export.load(path).module() first"
+        raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}{hint}")
     if norm not in ("auto", "crms", "keep", None):
         raise ValueError(f"norm must be 'auto', 'crms' or 'keep', not {norm!r}")
     if attention is not None:

@@ -25,8 +25,9 @@ TOLERANCE = {
 
 
 def error(actual: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
-    """max abs and relative L2 error of `actual` against `expected` (computed in fp64)."""
-    a, e = actual.detach().double(), expected.detach().double()
+    """max abs and relative L2 error of `actual` against `expected` (computed in fp64;
+    complex tensors as their real and imaginary parts)."""
+    a, e = _as_real(actual), _as_real(expected)
     if a.shape != e.shape:
         return {"max_abs": float("inf"), "rel_l2": float("inf")}
     finite = torch.isfinite(e)
@@ -43,6 +44,13 @@ def error(actual: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
         "max_abs": diff.abs().max().item(),
         "rel_l2": diff.norm().item() / denom if denom > 0 else diff.norm().item(),
     }
+
+
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.is_complex():  # .double() would drop the imaginary part
+        return torch.view_as_real(t.resolve_conj().contiguous()).double()
+    return t.double()
 
 
 def cosine(actual: torch.Tensor, expected: torch.Tensor) -> float:

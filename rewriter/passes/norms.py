@@ -6,6 +6,8 @@ becomes `rewriter::rms_norm(x, None, None, eps)`, then a fold absorbs the gain.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -42,18 +44,33 @@ def _last_dim_only(dims, ndim) -> bool:
     return len(dims) == 1 and dims[0] in (-1, ndim - 1)
 
 
+# symbolic_trace graphs spell these as torch functions, operators and Tensor methods (string targets)
+_POW = (aten.pow, torch.pow, torch.Tensor.pow, "pow")
+_MEAN = (aten.mean, torch.mean, "mean")
+_ADD = (aten.add, operator.add, torch.add, "add")
+
+
+def _mean_args(mean) -> dict:
+    """dim and keepdim of a mean node, an ATen op or a symbolic_trace `x.mean(...)`/`torch.mean(...)`."""
+    if mean.op == "call_function" and isinstance(mean.target, torch._ops.OpOverload):
+        return args_of(mean)
+    a = dict(zip(("input", "dim", "keepdim"), mean.args)) | dict(mean.kwargs)
+    return {"dim": a.get("dim"), "keepdim": a.get("keepdim", False)}
+
+
 def _check_rms_core(m: Match) -> str | None:
-    sq = m.one(aten.pow, torch.Tensor.pow, "pow")
-    if sq is not None and args_of(sq).get("exponent", sq.args[1] if len(sq.args) > 1 else None) != 2:
+    sq = m.one(*_POW)
+    exponent = sq.args[1] if sq is not None and len(sq.args) > 1 else (sq.kwargs.get("exponent") if sq is not None else 2)
+    if exponent != 2:  # read directly: a Tensor method node (string target) has no schema to normalise
         return "the square is not x**2"
-    mean = m.one(aten.mean)
+    mean = m.one(*_MEAN)
     if mean is None:
         return "no mean over the last dim"
-    a = args_of(mean)
+    a = _mean_args(mean)
     x = val(mean.args[0])
     if not _last_dim_only(a.get("dim"), x.dim()) or not a.get("keepdim"):
         return f"mean over dims {a.get('dim')} (keepdim={a.get('keepdim')}); RMSNorm needs the last dim, keepdim"
-    add = m.one(aten.add)
+    add = m.one(*_ADD)
     if add is None or not is_number(add.args[1]) or add.args[1] < 0:
         return "epsilon is not a non-negative constant"
     if val(m.output).shape != val(m.inputs["x"]).shape:
@@ -62,7 +79,7 @@ def _check_rms_core(m: Match) -> str | None:
 
 
 def _rewrite_rms_core(m: Match, gm) -> torch.fx.Node:
-    eps = float(m.one(aten.add).args[1])
+    eps = float(m.one(*_ADD).args[1])
     cast = m.variant["cast"]
     x = m.inputs["x"]
     if cast in ("in", "variance_only"):  # normalise the fp32 copy, as the original did

@@ -266,11 +266,15 @@ def _compressed(stream: _Stream, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     they are verified and removed, nothing reads it and it goes with them.
     """
     comp: dict[fx.Node, fx.Node] = {}
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1:]
 
     def sliced(n: fx.Node, before: fx.Node) -> fx.Node:
         if n not in comp:
             width = val(n).shape[-1]
-            with graph.inserting_before(before):  # a per-token constant (width 1) broadcasts as is
+            # right after the writer, so the slice comes before every reader of it (a LayerNorm may
+            # read a writer directly, ahead of the first stream sum: a model without position embeddings)
+            at = last_input[0] if n.op == "placeholder" else n
+            with graph.inserting_after(at):  # a per-token constant (width 1) broadcasts as is
                 comp[n] = n if width == 1 else call(graph, aten.slice.Tensor, (n, -1, 0, width - 1), like=n)
         return comp[n]
 
