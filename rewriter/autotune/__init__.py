@@ -30,7 +30,8 @@ class AutotuneReport:
         """One plain row per study: what the CLI prints and `--json` emits."""
         return [{"kernel": r.kernel, "bucket": r.bucket, "dtype": r.dtype, "default_ms": r.default_ms,
                  "best_ms": r.best_ms, "speedup": r.speedup, "trials": r.runs, "failures": r.failures,
-                 "best_config": r.best_config} for r in self.results]
+                 "best_config": r.best_config,
+                 "unconfirmed": (r.confirmation or {}).get("kept") == "default"} for r in self.results]
 
     def to_dict(self) -> dict[str, Any]:
         return {"results": [r.to_dict() for r in self.results],

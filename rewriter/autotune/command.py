@@ -144,6 +144,8 @@ def _table(report, device: str):
     for row in report.rows():
         speed = f"{row['speedup']:.2f}x" if row["speedup"] else "—"
         config = ", ".join(f"{k}={v}" for k, v in (row["best_config"] or {}).items())
+        if row["unconfirmed"]:
+            config += " (the default: the study's winner was not faster when timed again)"
         table.add_row(row["kernel"], row["bucket"].split(":", 1)[-1], row["dtype"], _ms(row["default_ms"]),
                       _ms(row["best_ms"]), speed, str(row["trials"]), str(row["failures"]), config)
     return table

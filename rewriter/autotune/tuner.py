@@ -12,6 +12,14 @@ baseline). Trials count configs *run*: a repeated proposal reuses its measuremen
 rejected one costs no run (it still counts towards `MAX_PROPOSALS`, so a space whose
 proposals are nearly all invalid ends).
 
+Before the winner is kept it is timed again against the default, interleaved
+(`CONFIRM_ROUNDS` times each, medians with the study's first timings): one lucky or
+unlucky measurement (a busy host, a clock still ramping, launch overhead that dwarfs a
+short kernel) must not decide, and the default stays unless the winner is at least
+`CONFIRM_MARGIN` faster. On an H200 a study of agent attention timed every config near
+0.30 ms and kept one that CUDA-graph timing showed 1.9x slower than the default
+(benchmarks/results/kernel_speed-nvidia-h200-cudagraph.json): what this guards against.
+
 `isolate=True` (the default on CUDA) runs trials in a worker process, restarted when a
 trial hangs past `trial_timeout_s` or kills it. `storage="postgresql://…"` keeps the study
 in a database so several machines tune one device type together; the best trial over
@@ -43,6 +51,10 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torc
 # proposals (run or rejected) after which a study stops even if `trials` runs were not reached
 MAX_PROPOSALS = 2000
 INFEASIBLE = 1e12  # the value told to Optuna for a config that did not run or was wrong
+# re-timings of the winner and of the default before the winner is kept, and how much
+# faster (by the medians) the winner must be to displace the default
+CONFIRM_ROUNDS = 3
+CONFIRM_MARGIN = 0.02
 
 
 @dataclass
@@ -83,6 +95,9 @@ class TuneResult:
     trials: list[Trial] = field(default_factory=list)
     wall_s: float = 0.0
     study: str = ""
+    # the interleaved re-timings that confirmed (or overturned) the study's winner:
+    # {"winner": config, "winner_ms": [...], "default_ms": [...], "kept": "winner" | "default"}
+    confirmation: dict[str, Any] | None = None
 
     @property
     def runs(self) -> int:
@@ -343,6 +358,35 @@ def _best_in_study(study, sp: Space, shape: dict) -> tuple[dict | None, float | 
     return best, best_ms
 
 
+def _confirm(result: TuneResult, runner, default: dict, timeout_s: float) -> None:
+    """Time the study's winner and the default again, alternately; keep the winner only if
+    its median is at least CONFIRM_MARGIN below the default's (else the default, whose
+    median becomes both times). A winner that fails on a re-run loses."""
+    import statistics
+
+    winner = result.best_config
+    times = {"winner": [result.best_ms], "default": [result.default_ms]}
+    for _ in range(CONFIRM_ROUNDS):
+        for name, config in (("default", default), ("winner", winner)):
+            record = runner.evaluate(config, timeout_s)
+            if record.state == "ok":
+                times[name].append(record.ms)
+            elif name == "winner":
+                times["winner"] = [float("inf")]
+                break
+        if times["winner"] == [float("inf")]:
+            break
+    w, d = statistics.median(times["winner"]), statistics.median(times["default"])
+    kept = "winner" if w < d * (1 - CONFIRM_MARGIN) else "default"
+    result.confirmation = {"winner": dict(winner), "winner_ms": times["winner"], "default_ms": times["default"],
+                           "kept": kept}
+    result.default_ms = d
+    if kept == "winner":
+        result.best_ms = w
+    else:
+        result.best_config, result.best_ms = dict(default), d
+
+
 def tune(kernel: str | Tunable, args: tuple, *, trials: int = 30, budget_s: float | None = None, grid: bool = False,
          sampler=None, storage: str | None = None, cache=None, isolate: bool | None = None,
          trial_timeout_s: float = 60.0, min_time_s: float = 0.1, seed: int = 0,
@@ -424,11 +468,15 @@ def tune(kernel: str | Tunable, args: tuple, *, trials: int = 30, budget_s: floa
                 if record.reason:
                     trial.set_user_attr("reason", record.reason[:500])
                 study.tell(trial, record.ms if ok else INFEASIBLE)
+        if result.default_ms is None and seen.get(_frozen(default)) is not None:
+            result.default_ms = seen[_frozen(default)].ms
+        result.best_config, result.best_ms = _best_in_study(study, sp, shape)
+        if result.best_config is not None and result.default_ms is not None \
+                and _frozen(result.best_config) != _frozen(default):
+            with torch.no_grad():
+                _confirm(result, runner, default, trial_timeout_s)
     finally:
         runner.close()
-    if result.default_ms is None and seen.get(_frozen(default)) is not None:
-        result.default_ms = seen[_frozen(default)].ms
-    result.best_config, result.best_ms = _best_in_study(study, sp, shape)
     result.wall_s = time.perf_counter() - started
     if save and result.best_config is not None:
         cache = cache if cache is not None else default_cache(device)

@@ -12,7 +12,7 @@ import rewriter
 from rewriter.autotune.cache import Cache, current_device
 from rewriter.autotune.record import op_calls
 from rewriter.autotune.select import cache_key, tuned_config
-from rewriter.autotune.tuner import tune
+from rewriter.autotune.tuner import CONFIRM_MARGIN, CONFIRM_ROUNDS, tune
 from tests.autotune import fake_kernel
 
 
@@ -63,6 +63,66 @@ def test_best_config_is_cached_and_read_back(tmp_path):
     (key_text, entry), = cache.entries().items()
     assert entry["config"] == result.best_config and entry["trials"] == 2
     assert key_text.startswith("fake|test|pow2:n64|float32")
+
+
+def _scripted(times: dict[int, list[float]], fail_on_rerun: int | None = None):
+    """The fake kernel (configs 1 and 2 only) timed from a script: each config's successive
+    timings in order (the study's own first, then the confirmation's re-timings)."""
+    import dataclasses
+
+    calls = {block: 0 for block in times}
+
+    def measure(config):
+        block = config["BLOCK"]
+        calls[block] += 1
+        if block == fail_on_rerun and calls[block] > 1:
+            raise RuntimeError("illegal memory access (simulated)")
+        return times[block][min(calls[block], len(times[block])) - 1]
+
+    return dataclasses.replace(fake_kernel.tunable([1, 2]), measure=measure), calls
+
+
+def test_a_winner_by_one_lucky_timing_is_not_kept(tmp_path):
+    # config 2 timed fast once (0.5 ms), then as slow as the default on every re-timing
+    t, calls = _scripted({1: [1.0, 1.0, 1.01, 0.99], 2: [0.5, 1.0, 1.02, 1.0]})
+    result = tune(t, (torch.randn(64),), grid=True, cache=_cache(tmp_path))
+    assert calls == {1: 1 + CONFIRM_ROUNDS, 2: 1 + CONFIRM_ROUNDS}  # interleaved re-timings of both
+    assert result.best_config == {"BLOCK": 1} and result.confirmation["kept"] == "default"
+    assert result.confirmation["winner"] == {"BLOCK": 2} and len(result.confirmation["winner_ms"]) == 4
+    assert result.best_ms == result.default_ms == 1.0  # the medians
+    (entry,) = _cache(tmp_path).entries().values()
+    assert entry["config"] == {"BLOCK": 1}
+    # the report and the CLI's table say the default was kept on purpose
+    from rich.console import Console
+
+    from rewriter.autotune import AutotuneReport
+    from rewriter.autotune.command import _table
+
+    report = AutotuneReport(results=[result])
+    assert report.rows()[0]["unconfirmed"] is True
+    console = Console(width=400, record=True)
+    console.print(_table(report, "cpu"))
+    assert "winner was not faster when timed again" in console.export_text()
+
+
+def test_a_winner_confirmed_by_its_re_timings_is_kept(tmp_path):
+    t, _ = _scripted({1: [1.0, 1.1, 0.9, 1.0], 2: [0.5, 0.6, 0.55, 0.5]})
+    result = tune(t, (torch.randn(64),), grid=True, cache=_cache(tmp_path))
+    assert result.best_config == {"BLOCK": 2} and result.confirmation["kept"] == "winner"
+    assert result.best_ms == 0.525 and result.default_ms == 1.0 and result.speedup == pytest.approx(1.0 / 0.525)
+
+
+def test_a_winner_within_the_margin_loses_to_the_default(tmp_path):
+    t, _ = _scripted({1: [1.0], 2: [1.0 - CONFIRM_MARGIN / 2]})
+    result = tune(t, (torch.randn(64),), grid=True, cache=_cache(tmp_path))
+    assert result.best_config == {"BLOCK": 1} and result.confirmation["kept"] == "default"
+
+
+def test_a_winner_that_fails_when_re_run_loses(tmp_path):
+    t, calls = _scripted({1: [1.0], 2: [0.1]}, fail_on_rerun=2)
+    result = tune(t, (torch.randn(64),), grid=True, cache=_cache(tmp_path))
+    assert result.best_config == {"BLOCK": 1} and result.confirmation["kept"] == "default"
+    assert calls[2] == 2  # the confirmation stopped at the failure
 
 
 def _causal_args(n=48):
@@ -131,7 +191,7 @@ def test_optimize_autotune_flag(cache_dir):
 def test_two_processes_tuning_at_once_lose_nothing(cache_dir):
     script = textwrap.dedent("""
         import sys, torch, rewriter
-        from rewriter.autotune.tuner import tune
+        from rewriter.autotune.tuner import CONFIRM_MARGIN, CONFIRM_ROUNDS, tune
         n = int(sys.argv[1])
         q = torch.randn(1, 2, n, 8)
         tune("linear_attention", (q, q, q, None, "elu", True, "denominator", 3.0, 1e-6), grid=True, min_time_s=0.01)
