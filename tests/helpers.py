@@ -1,5 +1,9 @@
-"""One comparison helper and one dtype → tolerance table for the whole suite."""
+"""One comparison helper and one dtype → tolerance table for the whole suite (and a zip
+rewriter for damaged-.pt2 tests)."""
 from __future__ import annotations
+
+import zipfile
+from pathlib import Path
 
 import torch
 from torch.utils import _pytree as pytree
@@ -32,3 +36,12 @@ def count(gm, target) -> int:
 def run_both(model, opt, inputs):
     with torch.no_grad():
         return opt(*inputs), model(*inputs)
+
+
+def rewrite_zip(src: Path, dst: Path, edit) -> Path:
+    """Copy the zip archive `src` (a .pt2) to `dst` with each member's bytes passed through
+    edit(name, data)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
+    return dst

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from rewriter.cli import main
 from rewriter.inspection import render
+from tests.helpers import rewrite_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT = f"{ROOT / 'examples' / 'nanogpt.py'}:build"
@@ -71,13 +71,6 @@ def tiny_pt2(tmp_path_factory):
     return path
 
 
-def _rewrite_zip(src: Path, dst: Path, edit) -> Path:
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
-    return dst
-
-
 # ------------------------------------------------------------------ MODEL errors
 
 def test_bad_path(capsys):
@@ -125,7 +118,7 @@ def test_corrupt_pt2(capsys, tmp_path, tiny_pt2):
     junk.write_bytes(b"not a zip archive")
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(tiny_pt2.read_bytes()[:400])
-    no_inputs = _rewrite_zip(tiny_pt2, tmp_path / "no_inputs.pt2",
+    no_inputs = rewrite_zip(tiny_pt2, tmp_path / "no_inputs.pt2",
                              lambda name, data: b"garbage" if "sample_inputs" in name else data)
     for path in (junk, truncated, no_inputs):
         line = error_line(capsys, ["inspect", str(path)])
@@ -133,7 +126,7 @@ def test_corrupt_pt2(capsys, tmp_path, tiny_pt2):
 
 
 def test_pt2_from_another_torch_version(capsys, tmp_path, tiny_pt2):
-    archive = _rewrite_zip(tiny_pt2, tmp_path / "archive.pt2",
+    archive = rewrite_zip(tiny_pt2, tmp_path / "archive.pt2",
                            lambda name, data: b"1" if name.endswith("/archive_version") else data)
 
     def newer_schema(name, data):
@@ -144,7 +137,7 @@ def test_pt2_from_another_torch_version(capsys, tmp_path, tiny_pt2):
             return json.dumps(meta).encode()
         return data
 
-    schema = _rewrite_zip(tiny_pt2, tmp_path / "schema.pt2", newer_schema)
+    schema = rewrite_zip(tiny_pt2, tmp_path / "schema.pt2", newer_schema)
     line = error_line(capsys, ["inspect", str(archive)])
     assert f"{archive} was saved by torch" in line and "(archive 1," in line and "re-save it with this torch" in line
     line = error_line(capsys, ["inspect", str(schema)])

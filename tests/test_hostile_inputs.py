@@ -21,7 +21,7 @@ from rewriter._model_source import UsageError, load_model, load_pt2
 from rewriter.capture import ExampleInputsError
 from rewriter.export import ExportError
 from rewriter.verify import compare_outputs
-from tests.helpers import assert_close
+from tests.helpers import assert_close, rewrite_zip
 from tests.models import own
 
 
@@ -223,13 +223,6 @@ def saved(tmp_path_factory):
     return path
 
 
-def _rewrite_zip(src: Path, dst: Path, edit) -> Path:
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
-    return dst
-
-
 def _newer_schema(name, data):
     if name.endswith("models/model.json"):
         meta = json.loads(data)
@@ -251,15 +244,15 @@ BAD_PT2 = {  # name -> (how to make it from a good archive, what the error says)
     "truncated": (lambda src, dst: dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2]), "not a valid .pt2 archive"),
     "bit_flips": (lambda src, dst: dst.write_bytes(_flip_bytes(src.read_bytes())), "not a valid .pt2 archive"),
     "empty_zip": (lambda src, dst: zipfile.ZipFile(dst, "w").close(), "not a valid .pt2 archive"),
-    "bad_model_json": (lambda src, dst: _rewrite_zip(src, dst, lambda n, d: b"{oops" if n.endswith("model.json") else d),
+    "bad_model_json": (lambda src, dst: rewrite_zip(src, dst, lambda n, d: b"{oops" if n.endswith("model.json") else d),
                        "not a valid .pt2 archive"),
-    "truncated_weights": (lambda src, dst: _rewrite_zip(src, dst, lambda n, d: d[:3] if n.endswith("weight_0") else d),
+    "truncated_weights": (lambda src, dst: rewrite_zip(src, dst, lambda n, d: d[:3] if n.endswith("weight_0") else d),
                           "not a valid .pt2 archive"),
-    "bad_sample_inputs": (lambda src, dst: _rewrite_zip(src, dst, lambda n, d: b"x" if "sample_inputs" in n else d),
+    "bad_sample_inputs": (lambda src, dst: rewrite_zip(src, dst, lambda n, d: b"x" if "sample_inputs" in n else d),
                           "not a valid .pt2 archive"),
-    "other_archive_version": (lambda src, dst: _rewrite_zip(src, dst, lambda n, d: b"1" if n.endswith("/archive_version") else d),
+    "other_archive_version": (lambda src, dst: rewrite_zip(src, dst, lambda n, d: b"1" if n.endswith("/archive_version") else d),
                               "re-save it with this torch"),
-    "other_schema_version": (lambda src, dst: _rewrite_zip(src, dst, _newer_schema), "was saved by torch 9.0.0"),
+    "other_schema_version": (lambda src, dst: rewrite_zip(src, dst, _newer_schema), "was saved by torch 9.0.0"),
 }
 
 
