@@ -366,17 +366,19 @@ def _confirm(result: TuneResult, runner, default: dict, timeout_s: float) -> Non
 
     winner = result.best_config
     times = {"winner": [result.best_ms], "default": [result.default_ms]}
+    winner_failed = False
     for _ in range(CONFIRM_ROUNDS):
         for name, config in (("default", default), ("winner", winner)):
             record = runner.evaluate(config, timeout_s)
             if record.state == "ok":
                 times[name].append(record.ms)
             elif name == "winner":
-                times["winner"] = [float("inf")]
+                winner_failed = True
                 break
-        if times["winner"] == [float("inf")]:
+        if winner_failed:
             break
-    w, d = statistics.median(times["winner"]), statistics.median(times["default"])
+    w = float("inf") if winner_failed else statistics.median(times["winner"])
+    d = statistics.median(times["default"])
     kept = "winner" if w < d * (1 - CONFIRM_MARGIN) else "default"
     result.confirmation = {"winner": dict(winner), "winner_ms": times["winner"], "default_ms": times["default"],
                            "kept": kept}
