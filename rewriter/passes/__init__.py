@@ -6,6 +6,7 @@ replaced nodes before the next pass runs.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,26 +55,48 @@ def _gqa_fold(ctx: PassContext) -> list[Rewrite]:
 
 
 def _report_unmatched_softmax(ctx: PassContext) -> None:
-    """A softmax feeding a matmul that no pattern took is an attention we could not read."""
+    """A softmax feeding a matmul that no pattern took is an attention we could not read.
+
+    ATen spellings (torch.export graphs) and torch-level ones (symbolic_trace graphs, where
+    `F.softmax(..., _stacklevel=3)`, `Tensor.softmax` and `torch.matmul` stay as written and
+    the attention patterns often miss them): either way the site is reported, never skipped."""
     seen = {s.node for s in ctx.report.sites}
     for n in ctx.gm.graph.nodes:
-        if n.op != "call_function" or n in ctx.claimed or getattr(n.target, "overloadpacket", None) not in (
-            torch.ops.aten.softmax, torch.ops.aten._softmax
-        ):
+        if n in ctx.claimed or not _is(n, _SOFTMAX):
             continue
         readers = _through_casts(n)
         if any(u.name in seen for u in readers):
             continue  # a pattern matched this site and its check refused it, with a reason
-        if any(u.op == "call_function" and getattr(u.target, "overloadpacket", None) in (torch.ops.aten.matmul, torch.ops.aten.bmm)
-               for u in readers):
-            ctx.report.add(Site(module_path(n), "attention", "sdpa", pass_name="canonical_attention", node=n.name).refuse(
-                "softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"))
+        if any(_is(u, _MATMUL) for u in readers):
+            why = ("softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"
+                   if ctx.method == "export" else
+                   "softmax attention in a symbolic_trace graph, spelled in a form no pattern covers; left as written "
+                   "(a model torch.export can capture is matched on its ATen graph)")
+            ctx.report.add(Site(module_path(n), "attention", "sdpa", pass_name="canonical_attention", node=n.name)
+                           .refuse(why))
+
+
+# op spellings as (ATen overload packets, torch-level callables, Tensor method names)
+_SOFTMAX = ({torch.ops.aten.softmax, torch.ops.aten._softmax},
+            {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}, {"softmax"})
+_MATMUL = ({torch.ops.aten.matmul, torch.ops.aten.bmm},
+           {torch.matmul, torch.bmm, operator.matmul, torch.Tensor.matmul}, {"matmul", "bmm", "__matmul__"})
+_CAST = ({torch.ops.aten.to, torch.ops.aten._to_copy},
+         {torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float},
+         {"to", "type", "type_as", "float", "half", "bfloat16", "double"})
+
+
+def _is(n: fx.Node, spellings: tuple) -> bool:
+    aten, functions, methods = spellings
+    if n.op == "call_method":
+        return n.target in methods
+    return n.op == "call_function" and (getattr(n.target, "overloadpacket", None) in aten or n.target in functions)
 
 
 def _through_casts(n: fx.Node) -> list[fx.Node]:
     out = []
     for u in n.users:
-        if u.op == "call_function" and getattr(u.target, "overloadpacket", None) in (torch.ops.aten.to, torch.ops.aten._to_copy):
+        if _is(u, _CAST):
             out.extend(u.users)
         else:
             out.append(u)

@@ -182,14 +182,17 @@ def test_generated_pre_crmsnorm_without_position_embeddings():
 
 
 # ---------------------------------------------------------------------------------------------
-# Known limitation, not fixed here: under the symbolic_trace fallback, hand-written attention
-# is neither canonicalised nor reported. torch-level graphs spell it `F.softmax(..., _stacklevel=3)`,
-# `torch.matmul`, `Tensor.softmax` (the patterns are traced as `torch.softmax` and `@`), and the
-# report of unmatched softmax attention (passes/__init__.py) looks for ATen softmax only. The
-# model stays exact (nothing is rewritten); the site is just missing from the report. The fix is
-# a torch-level canonicalisation step before matching.
+# 6. Under the symbolic_trace fallback, hand-written attention was neither canonicalised nor
+#    reported: torch-level graphs spell it `F.softmax(..., _stacklevel=3)`, `torch.matmul`,
+#    `Tensor.softmax` (the patterns are traced as `torch.softmax` and `@`), and the report of
+#    unmatched softmax attention (passes/__init__.py) looked for ATen softmax only. The model
+#    stayed exact; the site was just missing from the report. Fix: the unmatched-softmax report
+#    reads torch-level spellings too, and says why the site was left as written.
+#    (Canonicalising those spellings is still to do: a torch-level normalisation before matching.)
 
-@pytest.mark.xfail(strict=True, reason="symbolic_trace graphs: hand-written attention is not found, so not reported")
 def test_hand_written_attention_under_symbolic_trace_is_reported():
     opt = check(Spec(layers=(LayerSpec(attn="div_sqrt"),), capture="fx"))
-    assert opt.report.select(kind="attention")
+    sites = opt.report.select(kind="attention")
+    assert sites, opt.report
+    for s in sites:
+        assert s.status == "applied" or "symbolic_trace" in s.reason, (s.status, s.reason)
