@@ -18,7 +18,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "val", "module_path", "call", "same_size", "param", "set_param", "add_param",
-    "strip_export_plumbing", "spell_out_arguments", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
+    "strip_export_plumbing", "spell_out_arguments", "normalise_torch_spellings", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
 ]
 
 
@@ -140,6 +140,56 @@ def spell_out_arguments(graph: fx.Graph) -> int:
         node.args = tuple(full[a.name] for a in schema.arguments if not a.kwarg_only)
         node.kwargs = {a.name: full[a.name] for a in schema.arguments if a.kwarg_only}
         n += 1
+    return n
+
+
+# torch-level spellings (symbolic_trace graphs keep what the model wrote) and the one the
+# patterns are traced in: (targets as call_function, names as call_method) -> target
+_TORCH_SPELLINGS = [
+    (({torch.matmul, torch.Tensor.matmul}, {"matmul", "__matmul__"}), operator.matmul),
+    (({torch.Tensor.bmm}, {"bmm"}), torch.bmm),
+    (({torch.Tensor.baddbmm}, {"baddbmm"}), torch.baddbmm),
+]
+_SOFTMAXES = ({torch.nn.functional.softmax, torch.Tensor.softmax, torch.softmax}, {"softmax"})
+
+
+def normalise_torch_spellings(graph: fx.Graph) -> int:
+    """Give the torch-level ops of a symbolic_trace graph the spelling the attention patterns
+    were traced in: `torch.matmul`, `Tensor.matmul` -> `@`; `Tensor.bmm` / `baddbmm` -> the
+    torch functions; `F.softmax(x, dim=d, _stacklevel=3)`, `x.softmax(d)` ->
+    `torch.softmax(x, d)` (a dtype kept as a keyword). Same functions, same arguments: only
+    the node's spelling changes. Returns how many nodes were respelt."""
+    n = 0
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        for (functions, methods), target in _TORCH_SPELLINGS:
+            if (node.op == "call_function" and node.target in functions) or \
+                    (node.op == "call_method" and node.target in methods):
+                if node.kwargs or len(node.args) != (3 if target is torch.baddbmm else 2):
+                    break  # keywords (out=, alpha=, beta=): leave it as written
+                node.op, node.target = "call_function", target
+                n += 1
+                break
+        else:
+            functions, methods = _SOFTMAXES
+            is_softmax = (node.op == "call_function" and node.target in functions) or \
+                (node.op == "call_method" and node.target in methods)
+            if not is_softmax:
+                continue
+            # F.softmax(input, dim, _stacklevel, dtype); torch.softmax and Tensor.softmax take (input, dim, dtype)
+            functional = node.op == "call_function" and node.target is torch.nn.functional.softmax
+            names = ("input", "dim", "_stacklevel", "dtype") if functional else ("input", "dim", "dtype")
+            given = dict(zip(names, node.args)) | dict(node.kwargs)
+            given.pop("_stacklevel", None)
+            if "input" not in given or given.get("dim") is None or set(given) - {"input", "dim", "dtype"}:
+                continue
+            args = (given["input"], given["dim"])
+            kwargs = {"dtype": given["dtype"]} if given.get("dtype") is not None else {}
+            if (node.op, node.target, node.args, dict(node.kwargs)) == ("call_function", torch.softmax, args, kwargs):
+                continue
+            node.op, node.target, node.args, node.kwargs = "call_function", torch.softmax, args, kwargs
+            n += 1
     return n
 
 

@@ -16,7 +16,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .capture import Captured, capture, export_program, run_example
-from .graph import (common_subexpressions, dead_code_elimination, remove_identities, spell_out_arguments,
+from .graph import (common_subexpressions, dead_code_elimination, remove_identities, normalise_torch_spellings, spell_out_arguments,
                     strip_export_plumbing)
 from .passes import PassContext, Rewrite, exact_passes
 from .report import APPLIED, ROLLED_BACK, RewriteReport
@@ -71,6 +71,8 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     gm = cap.module
     strip_export_plumbing(gm.graph)
     spell_out_arguments(gm.graph)
+    if cap.method == "symbolic_trace":
+        normalise_torch_spellings(gm.graph)
     remove_identities(gm.graph)
     common_subexpressions(gm.graph)
     dead_code_elimination(gm)  # dead reads (e.g. unused attention weights) would hide sites

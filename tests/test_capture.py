@@ -51,3 +51,49 @@ def test_symbolic_trace_fallback_still_rewrites():
     assert count(opt.graph_module, torch.ops.rewriter.layer_norm.default) == 1
     with torch.no_grad():
         assert_close(opt(*x), model(*x))
+
+
+# symbolic_trace graphs keep the model's own spellings (F.softmax(..., _stacklevel=3),
+# x.softmax(-1), torch.matmul, x.bmm) and scale by run-time numbers (math.sqrt(x.shape[-1]));
+# the fallback normalises the spellings so the attention patterns see them
+TRACEABLE_STYLES = ["matmul_mul", "div_sqrt", "bmm_3d", "baddbmm_bias", "einsum_free_permute", "pre_scaled_qk"]
+
+
+@pytest.mark.parametrize("style", TRACEABLE_STYLES)
+def test_symbolic_trace_fallback_canonicalises_hand_written_attention(style):
+    from rewriter.optimize import rewrite_captured
+
+    model, x = own.attention_style(style)
+    cap = rewriter.capture(model, x, method="symbolic_trace", dynamic=False)
+    gm, report = rewrite_captured(model, cap, {"norm": "auto"})
+    (site,) = report.select(kind="attention")
+    assert site.status == "applied", site.reason
+    assert count(gm, torch.ops.aten.scaled_dot_product_attention.default) == 1
+    assert not [n for n in gm.graph.nodes if n.target in (torch.softmax, "softmax", torch.nn.functional.softmax)]
+    other = torch.randn(3, *x[0].shape[1:])  # another batch: the graph stays shape-generic
+    with torch.no_grad():
+        assert_close(gm(other), model(other))
+
+
+def test_normalise_torch_spellings_keeps_the_function():
+    from rewriter.graph import normalise_torch_spellings
+
+    class Spellings(nn.Module):
+        def forward(self, a, b):
+            p = torch.nn.functional.softmax(a @ b, dim=-1)
+            r = a.softmax(-1) + torch.softmax(a, -1, dtype=torch.float64).float() + a.softmax(-1, torch.float64).float()
+            r = r + torch.nn.functional.softmax(a, -1, dtype=torch.float64).float()
+            return torch.matmul(p, b) + a.matmul(b) + r + torch.bmm(a, b) + a.bmm(b) + torch.matmul(a, b, out=None)
+
+    gm = torch.fx.symbolic_trace(Spellings())
+    a, b = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    expected = gm(a, b)
+    assert normalise_torch_spellings(gm.graph) == 7  # 4 softmaxes, 2 matmuls, 1 bmm; `out=` stays
+    gm.recompile()
+    targets = [(n.op, n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert ("call_method", "softmax") not in targets and ("call_method", "bmm") not in targets
+    assert (("call_function", torch.nn.functional.softmax) not in targets
+            and sum(t == ("call_function", torch.softmax) for t in targets) == 5)
+    assert sum(t == ("call_function", torch.matmul) for t in targets) == 1  # the out= one
+    assert [n.kwargs for n in gm.graph.nodes if n.target is torch.softmax].count({"dtype": torch.float64}) == 3
+    torch.testing.assert_close(gm(a, b), expected, rtol=0, atol=0)

@@ -141,10 +141,12 @@ def _check(m: Match) -> str | None:
     if m.variant["scale_op"] != "none":
         s = m.inputs["scale"]
         sv = val(s)
-        if not (is_number(s) or (isinstance(sv, torch.Tensor) and sv.numel() == 1)):
+        # a literal, a one-element tensor, or a Python number computed at run time (a
+        # symbolic_trace graph's `math.sqrt(x.shape[-1])`: the rewrite scales q by that node)
+        if not (is_number(s) or is_number(sv) or (isinstance(sv, torch.Tensor) and sv.numel() == 1)):
             return "scores are scaled by a tensor that is not a scalar"
     if m.variant["mm"] == "baddbmm":
-        bm = m.one(aten.baddbmm)
+        bm = m.one(aten.baddbmm, torch.baddbmm)
         ba = args_of(bm)
         if ba.get("beta", 1) != 1 or ba.get("alpha", 1) != 1:
             return "baddbmm with alpha/beta ≠ 1"
@@ -161,7 +163,7 @@ def _check(m: Match) -> str | None:
         if want_bool != (mv.dtype == torch.bool):
             return f"mask dtype {mv.dtype} does not fit a {'boolean' if want_bool else 'additive'} mask"
         if mask_op == "fill":
-            fill = m.one(aten.masked_fill).args[2]
+            fill = m.one(aten.masked_fill, "masked_fill").args[2]
             if not is_number(fill):
                 return "masked_fill value is not a constant"
         if mask_op == "where":
@@ -217,7 +219,7 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
         if val(mask).dtype != dtype:
             mask = call(g, aten.to.dtype, (mask, dtype), like=m.output)
     elif mask_op == "fill":
-        value = m.one(aten.masked_fill).args[2]
+        value = m.one(aten.masked_fill, "masked_fill").args[2]
         masked = m.inputs["mask"]
         if value == float("-inf"):
             mask = call(g, aten.logical_not.default, (masked,), like=m.output)
@@ -226,7 +228,7 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
             mask = call(g, aten.masked_fill.Scalar, (zeros, masked, value), like=m.output)
     elif mask_op in ("where", "where_scalar"):
         keep = m.inputs["mask"]
-        fill = m.inputs["fill"] if mask_op == "where" else m.one(aten.where).args[2]
+        fill = m.inputs["fill"] if mask_op == "where" else m.one(aten.where, torch.where).args[2]
         if _const_scalar(fill) == float("-inf"):
             mask = keep
         else:

@@ -186,9 +186,10 @@ def test_generated_pre_crmsnorm_without_position_embeddings():
 #    reported: torch-level graphs spell it `F.softmax(..., _stacklevel=3)`, `torch.matmul`,
 #    `Tensor.softmax` (the patterns are traced as `torch.softmax` and `@`), and the report of
 #    unmatched softmax attention (passes/__init__.py) looked for ATen softmax only. The model
-#    stayed exact; the site was just missing from the report. Fix: the unmatched-softmax report
-#    reads torch-level spellings too, and says why the site was left as written.
-#    (Canonicalising those spellings is still to do: a torch-level normalisation before matching.)
+#    stayed exact; the site was just missing from the report. Fix: symbolic_trace graphs are
+#    respelt before matching (graph.normalise_torch_spellings: `@`, torch.bmm, torch.softmax),
+#    a run-time scale such as math.sqrt(x.shape[-1]) is accepted, and what still matches no
+#    pattern is reported as left as written, with the reason.
 
 def test_hand_written_attention_under_symbolic_trace_is_reported():
     opt = check(Spec(layers=(LayerSpec(attn="div_sqrt"),), capture="fx"))
