@@ -31,6 +31,7 @@ import triton.language as tl
 
 from rewriter.autotune.space import dot_tile as _block
 
+from .._launch import dot_precision, launch_options
 from .config import PARAMS, SPACE, keep, shape_of
 from .naive import _check
 from .naive import agent_attention as _reference
@@ -223,8 +224,6 @@ def _agent_attention_read_kernel(
 # ---------------------------------------------------------------------------- launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _is_pow2_at_least(value, low: int) -> bool:
@@ -256,8 +255,6 @@ def _resolve(config: dict | None, shape: dict) -> dict:
     return config
 
 
-def _launch_options(config: dict) -> dict:
-    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 
 def _pool_geometry(nq: int, num_agents: int, grid, prefix: int) -> tuple[int, int, int, int]:
@@ -286,7 +283,7 @@ def agent_attention_fwd(q, k, v, key_mask, num_agents, scale, grid, prefix, conf
     BLOCK_A = min(config["BLOCK_A"], _block(R))
     BLOCK_M = min(config["BLOCK_M"], _block(NQ))
     split = max(1, min(config["SPLIT"], triton.cdiv(NK, BLOCK_N)))
-    precision, options = _precision(q.dtype), _launch_options(config)
+    precision, options = dot_precision(q.dtype), launch_options(config)
     f32 = dict(device=q.device, dtype=torch.float32)
 
     # agents; the G query heads of a kv head are adjacent, so [B·H, n, D] is [B·HK, G·n, D]

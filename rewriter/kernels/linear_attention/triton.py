@@ -26,6 +26,7 @@ import triton.language as tl
 
 from rewriter.autotune.space import dot_tile as _block
 
+from .._launch import dot_precision, launch_options, mask_bytes
 from .config import PARAMS, SPACE
 from .naive import _check
 from .naive import linear_attention as _reference
@@ -327,8 +328,6 @@ def _linear_attention_chunk_fwd_kernel(
 # ---------------------------------------------------------------------------- launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _resolve(config: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> dict:
@@ -351,13 +350,8 @@ def _resolve(config: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return config
 
 
-def _launch_options(config: dict) -> dict:
-    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 
-def _mask_bytes(key_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """The key mask as uint8 [B, N] (a dummy pointer when absent; HAS_MASK then skips it)."""
-    return like if key_mask is None else key_mask.contiguous().view(torch.uint8)
 
 
 def _state(x, y, w, key_mask, heads: int, feature_map: str, power: float, has_z: bool, config: dict,
@@ -375,11 +369,11 @@ def _state(x, y, w, key_mask, heads: int, feature_map: str, power: float, has_z:
     z = torch.empty(split, BHK, D, device=x.device, dtype=torch.float32) if has_z else s
     grid = (triton.cdiv(DV, BLOCK_DV), BHK, split)
     _linear_attention_state_kernel[grid](
-        x, y, x if w is None else w, _mask_bytes(key_mask, x), s, z,
+        x, y, x if w is None else w, mask_bytes(key_mask, x), s, z,
         R, D, DV, heads, power,
         FEATURE_MAP=feature_map, HAS_W=w is not None, HAS_MASK=key_mask is not None, HAS_Z=has_z,
         SPLIT=split, BLOCK_N=BLOCK_N, BLOCK_D=_block(D), BLOCK_DV=BLOCK_DV, PRECISION=precision,
-        **_launch_options(config),
+        **launch_options(config),
     )
     # the partial states are added in a fixed order: the result does not depend on scheduling
     s = s.sum(0) if split > 1 else s[0]
@@ -397,7 +391,7 @@ def linear_attention_fwd(q, k, v, key_mask, feature_map, normalize, power, eps, 
     B, H, NQ, D = q.shape
     HK, NK, DV = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     denominator = normalize == "denominator"
     s, z = _state(k.view(B * HK, NK, D), v.view(B * HK, NK, DV), None, key_mask, HK, feature_map, power,
                   denominator, config, precision)
@@ -408,7 +402,7 @@ def linear_attention_fwd(q, k, v, key_mask, feature_map, normalize, power, eps, 
         NQ, H, H // HK, D, DV, power, eps,
         FEATURE_MAP=feature_map, NORMALIZE=normalize,
         BLOCK_N=config["BLOCK_N"], BLOCK_D=_block(D), BLOCK_DV=_block(DV), PRECISION=precision,
-        **_launch_options(config),
+        **launch_options(config),
     )
     return o, s, z
 
@@ -419,7 +413,7 @@ def _bwd(do, q, k, v, key_mask, s, z, feature_map, normalize, power, eps, config
     HK, NK, DV = k.shape[1], k.shape[2], v.shape[3]
     G = H // HK
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     denominator = normalize == "denominator"
     BLOCK_N, BLOCK_D, BLOCK_DV = config["BLOCK_N"], _block(D), _block(DV)
 
@@ -431,7 +425,7 @@ def _bwd(do, q, k, v, key_mask, s, z, feature_map, normalize, power, eps, config
         NQ, H, G, D, DV, power, eps,
         FEATURE_MAP=feature_map, NORMALIZE=normalize,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PRECISION=precision,
-        **_launch_options(config),
+        **launch_options(config),
     )
     # dS = Σ φ(q)ᵀ dnum over every query row of the G heads sharing a kv head: those heads
     # are adjacent in q, so each group is one run of G·Nq rows
@@ -441,11 +435,11 @@ def _bwd(do, q, k, v, key_mask, s, z, feature_map, normalize, power, eps, config
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _linear_attention_bwd_dkv_kernel[(triton.cdiv(NK, BLOCK_N), B * HK)](
-        k, v, _mask_bytes(key_mask, k), ds, ds if dz is None else dz, dk, dv,
+        k, v, mask_bytes(key_mask, k), ds, ds if dz is None else dz, dk, dv,
         NK, HK, D, DV, power,
         FEATURE_MAP=feature_map, NORMALIZE=normalize, HAS_MASK=key_mask is not None,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PRECISION=precision,
-        **_launch_options(config),
+        **launch_options(config),
     )
     return dq, dk, dv
 
@@ -463,11 +457,11 @@ def linear_attention_chunk_fwd(q, k, v, key_mask, feature_map, normalize, power,
     BLOCK_DV = min(config["BLOCK_DV"], _block(DV)) if normalize == "denominator" else _block(DV)
     o = torch.empty(B, H, N, DV, device=q.device, dtype=q.dtype)
     _linear_attention_chunk_fwd_kernel[(triton.cdiv(DV, BLOCK_DV), B * H)](
-        q, k, v, _mask_bytes(key_mask, q), o,
+        q, k, v, mask_bytes(key_mask, q), o,
         N, H, H // HK, D, DV, power, eps,
         FEATURE_MAP=feature_map, NORMALIZE=normalize, HAS_MASK=key_mask is not None,
-        CHUNK=config["CHUNK"], BLOCK_D=_block(D), BLOCK_DV=BLOCK_DV, PRECISION=_precision(q.dtype),
-        **_launch_options(config),
+        CHUNK=config["CHUNK"], BLOCK_D=_block(D), BLOCK_DV=BLOCK_DV, PRECISION=dot_precision(q.dtype),
+        **launch_options(config),
     )
     return o
 
@@ -576,5 +570,5 @@ def linear_attention_backward(grad_out, q, k, v, key_mask, feature_map, causal, 
     config = _resolve(config, q, k, v, causal=False)
     B, HK, NK, D = k.shape
     s, z = _state(k.contiguous().view(B * HK, NK, D), v.contiguous().view(B * HK, NK, v.shape[3]), None,
-                  key_mask, HK, feature_map, power, normalize == "denominator", config, _precision(q.dtype))
+                  key_mask, HK, feature_map, power, normalize == "denominator", config, dot_precision(q.dtype))
     return _bwd(grad_out, q, k, v, key_mask, s, z, feature_map, normalize, power, eps, config)

@@ -15,13 +15,13 @@ Configs come from `config.py` beside this file (`SPACES`); see there for the par
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from .._launch import on_device
 from . import naive
 from .config import SPACES
 
@@ -259,8 +259,6 @@ def check_param(p: torch.Tensor | None, d: int, name: str, op: str, x: torch.Ten
     return p.contiguous()
 
 
-def on_device(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _fwd(x, weight, bias, eps, weight_offset, config, compressed: bool) -> torch.Tensor:

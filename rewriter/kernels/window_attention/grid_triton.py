@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import dot_precision, launch_options, mask_bytes, unit_last
 from ._tiles import check_inputs, pair
 from .grid_config import SPACES, block
 from .naive import _check_grid
@@ -327,8 +328,6 @@ def _prefix_rows_fwd_kernel(
 # ---------------------------------------------------------------------------- launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # whether Triton's interpreter runs these kernels (TRITON_INTERPRET=1 when they were defined)
@@ -343,9 +342,6 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _INTERPRETED
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    """x, copied only if its last dim is not contiguous (the kernels read the rest by stride)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _strides(q, k, v) -> tuple[int, ...]:
@@ -383,13 +379,8 @@ def _resolve(op: str, config: dict | None, args: tuple) -> dict:
     return config
 
 
-def _launch_options(config: dict) -> dict:
-    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 
-def _mask_bytes(key_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """The key mask as uint8 [B, N] (a dummy pointer when absent; HAS_MASK then skips it)."""
-    return like if key_mask is None else key_mask.contiguous().view(torch.uint8)
 
 
 def _scale_log2e(q: torch.Tensor, scale) -> float:
@@ -415,7 +406,7 @@ def _prefix_rows(q, k, v, mask, has_mask, o, prefix, scale_log2e, config, precis
         *_strides(q, k, v),
         H, H // k.shape[1], N, D, DV, prefix, p_pad, chunk, scale_log2e,
         BLOCK_P=PREFIX_ROWS, BLOCK_N=BLOCK_N, BLOCK_D=block(D), BLOCK_DV=block(DV), SPLIT=split,
-        HAS_MASK=has_mask, PRECISION=precision, UPCAST=_upcast(q.dtype), **_launch_options(config),
+        HAS_MASK=has_mask, PRECISION=precision, UPCAST=_upcast(q.dtype), **launch_options(config),
     )
     if split > 1:  # log-sum-exp merge, in a fixed order
         m, l = ml[:, :, 0, :prefix], ml[:, :, 1, :prefix]  # [S, BH, P]
@@ -430,10 +421,10 @@ def _window_fwd(q, k, v, key_mask, grid, window, shift, prefix, scale, config):
     B, H, N, D = q.shape
     DV = v.shape[3]
     (hg, wg), (wh, ww), (sh, sw) = grid, window, shift
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     o = torch.empty(B, H, N, DV, device=q.device, dtype=q.dtype)
-    mask = _mask_bytes(key_mask, o)
-    scale_log2e, precision = _scale_log2e(q, scale), _precision(q.dtype)
+    mask = mask_bytes(key_mask, o)
+    scale_log2e, precision = _scale_log2e(q, scale), dot_precision(q.dtype)
     # region thresholds on the rolled axis; without a shift every real slot is region 0
     ry1, ry2 = (hg - wh, hg - sh) if sh else (hg, hg)
     rx1, rx2 = (wg - ww, wg - sw) if sw else (wg, wg)
@@ -446,7 +437,7 @@ def _window_fwd(q, k, v, key_mask, grid, window, shift, prefix, scale, config):
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_P=min(block(prefix), config["BLOCK_N"]),
         BLOCK_D=block(D),
         BLOCK_DV=block(DV), HAS_PREFIX=prefix > 0, HAS_MASK=key_mask is not None, PRECISION=precision,
-        UPCAST=_upcast(q.dtype), **_launch_options(config),
+        UPCAST=_upcast(q.dtype), **launch_options(config),
     )
     if prefix:
         _prefix_rows(q, k, v, mask, key_mask is not None, o, prefix, scale_log2e, config, precision)
@@ -457,10 +448,10 @@ def _neighborhood_fwd(q, k, v, key_mask, grid, kernel, dilation, prefix, scale, 
     B, H, N, D = q.shape
     DV = v.shape[3]
     (hg, wg), (kh, kw), (dh, dw) = grid, kernel, dilation
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     o = torch.empty(B, H, N, DV, device=q.device, dtype=q.dtype)
-    mask = _mask_bytes(key_mask, o)
-    scale_log2e, precision = _scale_log2e(q, scale), _precision(q.dtype)
+    mask = mask_bytes(key_mask, o)
+    scale_log2e, precision = _scale_log2e(q, scale), dot_precision(q.dtype)
     qh, qw = config["BLOCK_QH"], config["BLOCK_QW"]
     nty, ntx = triton.cdiv(triton.cdiv(hg, dh), qh), triton.cdiv(triton.cdiv(wg, dw), qw)
     _neighborhood_attention_2d_fwd_kernel[(dh * nty * dw * ntx, B * H)](
@@ -470,7 +461,7 @@ def _neighborhood_fwd(q, k, v, key_mask, grid, kernel, dilation, prefix, scale, 
         BLOCK_QH=qh, BLOCK_QW=qw, BLOCK_N=config["BLOCK_N"], BLOCK_P=min(block(prefix), config["BLOCK_N"]),
         BLOCK_D=block(D),
         BLOCK_DV=block(DV), HAS_PREFIX=prefix > 0, HAS_MASK=key_mask is not None, PRECISION=precision,
-        UPCAST=_upcast(q.dtype), **_launch_options(config),
+        UPCAST=_upcast(q.dtype), **launch_options(config),
     )
     if prefix:
         _prefix_rows(q, k, v, mask, key_mask is not None, o, prefix, scale_log2e, config, precision)

@@ -25,7 +25,6 @@ differentiates the reference.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -34,6 +33,7 @@ import triton.language as tl
 
 from rewriter.autotune.space import dot_tile as _block
 
+from .._launch import on_device, unit_last
 from .naive import check_sliding_arguments
 from .naive import sliding_window_attention as _reference
 from .sliding_config import PARAMS, SPACE, band, shape_of
@@ -268,9 +268,6 @@ def _runs_here(q, k, v, dilation: int) -> bool:
     )
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its last dim is contiguous (any other strides are fine), else a copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _global_split(n: int, rows: int, bh: int, block_m: int, block_n: int) -> tuple[int, int]:
@@ -312,7 +309,7 @@ def sliding_window_attention_fwd(q, k, v, key_mask, window, causal, dilation, si
     """Launch the kernels on checked arguments that `_runs_here`; returns [B, H, N, Dv] in q.dtype."""
     B, H, N, D = q.shape
     HK, DV = k.shape[1], v.shape[3]
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     mask = None if key_mask is None else key_mask.contiguous().view(torch.uint8)
     lmax, lo, hi = band(N, window, causal, dilation)
     sinks = min(sinks, N)
@@ -325,7 +322,7 @@ def sliding_window_attention_fwd(q, k, v, key_mask, window, causal, dilation, si
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     o = torch.empty(B, H, N, DV, device=q.device, dtype=q.dtype)
     BM, BN = config["BLOCK_M"], config["BLOCK_N"]
-    with _on_device(q):
+    with on_device(q):
         if n_global < N:
             _sliding_window_attention_fwd_kernel[(triton.cdiv(lmax, BM), min(dilation, N), B * H)](
                 q, k, v, q if mask is None else mask, o,
@@ -342,8 +339,6 @@ def sliding_window_attention_fwd(q, k, v, key_mask, window, causal, dilation, si
     return o
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------- public
