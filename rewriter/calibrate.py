@@ -101,15 +101,9 @@ class CalibrationReport:
         return "; ".join(parts)
 
     def __str__(self) -> str:
-        import io
+        from .report import plain_text
 
-        from rich.console import Console
-
-        buf = io.StringIO()
-        console = Console(file=buf, width=140, force_terminal=False, color_system=None)
-        console.print(self.table())
-        console.print(self.summary())
-        return buf.getvalue()
+        return plain_text(self.table(), self.summary())
 
 
 # ---------------------------------------------------------------------------- attention

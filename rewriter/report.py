@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Site", "RewriteReport", "APPLIED", "REFUSED", "ROLLED_BACK"]
+__all__ = ["Site", "RewriteReport", "APPLIED", "REFUSED", "ROLLED_BACK", "plain_text"]
 
 APPLIED, REFUSED, ROLLED_BACK = "applied", "refused", "rolled_back"
 
@@ -91,13 +91,18 @@ class RewriteReport:
         return "; ".join(parts) or "no sites found"
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        console = Console(file=buf, width=140, force_terminal=False, color_system=None)
-        console.print(self.table())
-        console.print(self.summary())
-        return buf.getvalue()
+        return plain_text(self.table(), self.summary())
 
     def __rich__(self):
         return self.table()
+
+
+def plain_text(*renderables) -> str:
+    """Rich renderables (a table, a summary line) as plain text, for `str(report)`."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=140, force_terminal=False, color_system=None)
+    for r in renderables:
+        console.print(r)
+    return buf.getvalue()
