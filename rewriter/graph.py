@@ -18,7 +18,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "val", "module_path", "call", "same_size", "param", "set_param", "add_param",
-    "strip_export_plumbing", "spell_out_arguments", "normalise_torch_spellings", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
+    "strip_export_plumbing", "spell_out_arguments", "normalise_torch_spellings", "spelled", "SOFTMAX", "MATMUL", "CAST", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
 ]
 
 
@@ -150,7 +150,22 @@ _TORCH_SPELLINGS = [
     (({torch.Tensor.bmm}, {"bmm"}), torch.bmm),
     (({torch.Tensor.baddbmm}, {"baddbmm"}), torch.baddbmm),
 ]
-_SOFTMAXES = ({torch.nn.functional.softmax, torch.Tensor.softmax, torch.softmax}, {"softmax"})
+# how an op may be spelt in a graph: (ATen overload packets, torch-level callables, Tensor
+# method names); `spelled(node, SOFTMAX)` reads all three
+SOFTMAX = ({aten.softmax, aten._softmax}, {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}, {"softmax"})
+MATMUL = ({aten.matmul, aten.bmm}, {torch.matmul, torch.bmm, operator.matmul, torch.Tensor.matmul, torch.Tensor.bmm},
+          {"matmul", "bmm", "__matmul__"})
+CAST = ({aten.to, aten._to_copy}, {torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float},
+        {"to", "type", "type_as", "float", "half", "bfloat16", "double"})
+
+
+def spelled(node: fx.Node, spellings: tuple) -> bool:
+    """Whether `node` calls the op of `spellings` (SOFTMAX, MATMUL, CAST) in any spelling."""
+    packets, functions, methods = spellings
+    if node.op == "call_method":
+        return node.target in methods
+    return node.op == "call_function" and (getattr(node.target, "overloadpacket", None) in packets
+                                           or node.target in functions)
 
 
 def normalise_torch_spellings(graph: fx.Graph) -> int:
@@ -172,11 +187,8 @@ def normalise_torch_spellings(graph: fx.Graph) -> int:
                 n += 1
                 break
         else:
-            functions, methods = _SOFTMAXES
-            is_softmax = (node.op == "call_function" and node.target in functions) or \
-                (node.op == "call_method" and node.target in methods)
-            if not is_softmax:
-                continue
+            if not spelled(node, SOFTMAX) or getattr(node.target, "overloadpacket", None) is not None:
+                continue  # not a softmax, or an ATen one (export graphs are spelt alike already)
             # F.softmax(input, dim, _stacklevel, dtype); torch.softmax and Tensor.softmax take (input, dim, dtype)
             functional = node.op == "call_function" and node.target is torch.nn.functional.softmax
             names = ("input", "dim", "_stacklevel", "dtype") if functional else ("input", "dim", "dtype")

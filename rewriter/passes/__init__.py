@@ -6,14 +6,13 @@ replaced nodes before the next pass runs.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from ..graph import module_path
+from ..graph import CAST, MATMUL, SOFTMAX, module_path, spelled
 from ..report import RewriteReport, Site
 from ._rules import Rewrite, apply_rules
 
@@ -62,12 +61,12 @@ def _report_unmatched_softmax(ctx: PassContext) -> None:
     the attention patterns often miss them): either way the site is reported, never skipped."""
     seen = {s.node for s in ctx.report.sites}
     for n in ctx.gm.graph.nodes:
-        if n in ctx.claimed or not _is(n, _SOFTMAX):
+        if n in ctx.claimed or not spelled(n, SOFTMAX):
             continue
         readers = _through_casts(n)
         if any(u.name in seen for u in readers):
             continue  # a pattern matched this site and its check refused it, with a reason
-        if any(_is(u, _MATMUL) for u in readers):
+        if any(spelled(u, MATMUL) for u in readers):
             why = ("softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"
                    if ctx.method == "export" else
                    "softmax attention in a symbolic_trace graph, spelled in a form no pattern covers; left as written "
@@ -76,27 +75,10 @@ def _report_unmatched_softmax(ctx: PassContext) -> None:
                            .refuse(why))
 
 
-# op spellings as (ATen overload packets, torch-level callables, Tensor method names)
-_SOFTMAX = ({torch.ops.aten.softmax, torch.ops.aten._softmax},
-            {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}, {"softmax"})
-_MATMUL = ({torch.ops.aten.matmul, torch.ops.aten.bmm},
-           {torch.matmul, torch.bmm, operator.matmul, torch.Tensor.matmul}, {"matmul", "bmm", "__matmul__"})
-_CAST = ({torch.ops.aten.to, torch.ops.aten._to_copy},
-         {torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.float},
-         {"to", "type", "type_as", "float", "half", "bfloat16", "double"})
-
-
-def _is(n: fx.Node, spellings: tuple) -> bool:
-    aten, functions, methods = spellings
-    if n.op == "call_method":
-        return n.target in methods
-    return n.op == "call_function" and (getattr(n.target, "overloadpacket", None) in aten or n.target in functions)
-
-
 def _through_casts(n: fx.Node) -> list[fx.Node]:
     out = []
     for u in n.users:
-        if _is(u, _CAST):
+        if spelled(u, CAST):
             out.extend(u.users)
         else:
             out.append(u)
