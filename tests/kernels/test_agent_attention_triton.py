@@ -6,19 +6,12 @@ with one, the same tests run compiled on CUDA, and the `gpu`-marked tests add mo
 shapes (`pytest -m gpu`).
 """
 import ast
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-
-try:
-    import triton  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton cannot be imported ({exc}); the kernels need it", allow_module_level=True)
+pytest.importorskip("triton", reason="the kernels need Triton")  # interpreted without a GPU: conftest.py
 
 from rewriter.autotune.space import space  # noqa: E402
 from rewriter.kernels import triton_impl  # noqa: E402

@@ -4,18 +4,11 @@ Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, se
 Triton is imported) on tiny shapes; with one, the same tests run compiled on CUDA, and the
 `gpu`-marked tests add model-sized shapes (`pytest -m gpu`).
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-
-try:
-    import triton  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton cannot be imported ({exc}); the kernels need it", allow_module_level=True)
+pytest.importorskip("triton", reason="the kernels need Triton")  # interpreted without a GPU: conftest.py
 
 from rewriter.autotune.space import space  # noqa: E402
 from rewriter.kernels.linear_attention import triton as la  # noqa: E402

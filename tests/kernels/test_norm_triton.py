@@ -1,20 +1,17 @@
 """Triton rms_norm / crms_norm / layer_norm kernels (forward and backward) against naive.py.
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here
-before the kernel modules are imported) on tiny CPU shapes; with CUDA the same tests run
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
+conftest.py before the kernel modules are imported) on tiny CPU shapes; with CUDA the same tests run
 compiled on the GPU, and the `gpu`-marked ones add large shapes.
 """
 import importlib
 import inspect
-import os
 import random
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates, i.e. at kernel-module import
 try:
     import triton  # noqa: F401
 except Exception as exc:  # not installed, or no usable backend on this platform

@@ -5,18 +5,11 @@ Triton is imported) on tiny shapes (N not a multiple of any block); with one, th
 tests run compiled on CUDA, and the `gpu`-marked tests add model-sized shapes
 (`pytest -m gpu`). Forward only: the op's autograd differentiates the reference.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-
-try:
-    import triton  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton cannot be imported ({exc}); the kernels need it", allow_module_level=True)
+pytest.importorskip("triton", reason="the kernels need Triton")  # interpreted without a GPU: conftest.py
 
 from rewriter.kernels.window_attention import sliding_triton as st  # noqa: E402
 from rewriter.kernels.window_attention.naive import sliding_window_attention as reference  # noqa: E402
