@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(HERE.parent))
 
-from rewriter.verify import TOLERANCE, error  # noqa: E402
+from rewriter.compare import TOLERANCE, error  # noqa: E402
 
 DTYPE = torch.bfloat16
 

@@ -24,7 +24,7 @@ flushed between calls) and every ratio comes from the same run:
 
 Before timing, each of our outputs (and FlexAttention's and the compiled reference's) is
 checked against the reference computed in fp32 (max abs, relative L2 against
-rewriter.verify.TOLERANCE); a failed check or a call that fell back to the reference sets
+rewriter.compare.TOLERANCE); a failed check or a call that fell back to the reference sets
 the row's "flag" and meets_target = false. A baseline that fails (an older torch without
 FlexAttention, a torch.compile error, out of memory) records its error string in the row's
 "errors" and the run goes on. The JSON is rewritten after every row ("complete": false

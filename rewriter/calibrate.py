@@ -29,8 +29,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
-
+from .compare import pairs, sample_cosines, squared_error
 from .passes.approximate import SITE_META
 from .verify import flat_inputs
 
@@ -287,19 +286,11 @@ def _evaluate_site(site: _Site, records: list[_Record]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- outputs
 
 
-def _per_sample(x: torch.Tensor) -> torch.Tensor:
-    """[batch, features] in fp64 (a scalar is one sample of one feature)."""
-    return x.double().reshape(x.shape[0], -1) if x.dim() else x.double().reshape(1, 1)
-
-
 def _output_error(actual, expected) -> dict[str, float]:
     """rel_l2 over every float output, and the mean per-sample cosine (dim 0 = batch)."""
-    a = [t for t in pytree.tree_leaves(actual) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    e = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    diff = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, e))
-    ref = sum(float(y.double().pow(2).sum()) for y in e)
-    cos = [torch.nn.functional.cosine_similarity(_per_sample(x), _per_sample(y), dim=1) for x, y in zip(a, e)]
-    return {"rel_l2": (diff / max(ref, TINY)) ** 0.5, "cosine": float(torch.cat(cos).mean()) if cos else 1.0,
+    diff, ref = squared_error(actual, expected)
+    cos = sample_cosines(actual, expected)
+    return {"rel_l2": (diff / max(ref, TINY)) ** 0.5, "cosine": float(cos.mean()) if cos.numel() else 1.0,
             "_sq_err": diff, "_sq_ref": ref}
 
 
@@ -311,10 +302,9 @@ def _mean_output_error(errs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _rel_mse(actual, expected) -> torch.Tensor:
-    a = [t for t in pytree.tree_leaves(actual) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    e = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    diff = sum((x.float() - y.float()).pow(2).sum() for x, y in zip(a, e))
-    return diff / sum(y.float().pow(2).sum() for y in e).clamp_min(TINY)
+    both = [(x, y) for _, x, y in pairs(actual, expected) if isinstance(y, torch.Tensor) and y.is_floating_point()]
+    diff = sum((x.float() - y.float()).pow(2).sum() for x, y in both)
+    return diff / sum(y.float().pow(2).sum() for _, y in both).clamp_min(TINY)
 
 
 # ---------------------------------------------------------------------------- calibrate
@@ -427,6 +417,8 @@ def calibrate(
 def _calibrate(optimized, original, calls, held_out, steps, lr, kl_weight, end_to_end_steps, end_to_end_lr,
                progress, seed) -> CalibrationReport:
     evals = [_as_call(b) for b in held_out] if held_out is not None else calls
+    calls = [(a, optimized.call_kwargs(a, kw)) for a, kw in calls]  # as the graphs take them (no KV cache)
+    evals = [(a, optimized.call_kwargs(a, kw)) for a, kw in evals]
     torch.manual_seed(seed)
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
@@ -543,7 +535,7 @@ def _record(entry, report: CalibrationReport, original) -> None:
                 site.error = {**site.error, "calibrated": {"before": r.before, "after": r.after,
                                                            "on": report.evaluated_on}}
     if original is not None and "approximate_output" in rep.verification:
-        from .verify import compare_outputs
+        from .compare import compare_outputs
 
         args, kwargs = entry.captured.example_args, entry.captured.example_kwargs
         with torch.no_grad():

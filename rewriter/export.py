@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .compare import error, pairs
+
 __all__ = ["export_onnx", "ExportError", "OnnxExport", "translation_table"]
 
 ATOL_FP32 = 1e-4  # max abs error allowed between onnxruntime and PyTorch in fp32
@@ -251,11 +253,15 @@ def _check_and_save(program, ep, args, kwargs, path: Path, atol: float) -> float
         if len(got) != len(expected):
             raise ExportError(f"the ONNX graph returns {len(got)} outputs, PyTorch {len(expected)}")
         worst = 0.0
-        for o, e in zip(got, expected):
+        for name, o, e in pairs([torch.from_numpy(o) for o in got], expected):
             if e.is_floating_point():
-                worst = max(worst, float((torch.from_numpy(o).double() - e.double()).abs().max()))
-            elif not torch.equal(torch.from_numpy(o), e):
-                raise ExportError("an integer output of the ONNX graph differs from PyTorch")
+                err = error(o, e)["max_abs"]
+                if err == float("inf"):
+                    raise ExportError(f"onnxruntime output {name} has NaN/Inf where PyTorch has none (or the reverse), "
+                                      f"or another shape ({list(o.shape)} vs {list(e.shape)})")
+                worst = max(worst, err)
+            elif not torch.equal(o, e):
+                raise ExportError(f"an integer output of the ONNX graph ({name}) differs from PyTorch")
         floats = [e for e in expected if e.is_floating_point()]
         if floats and all(e.dtype == torch.float32 for e in floats) and worst > atol:
             raise ExportError(f"onnxruntime differs from PyTorch by {worst:.2e} (> {atol:.0e} allowed in fp32)")

@@ -18,9 +18,11 @@ from torch.utils import _pytree as pytree
 from .capture import Captured, capture, export_program, run_example
 from .graph import (common_subexpressions, dead_code_elimination, remove_identities, normalise_torch_spellings, spell_out_arguments,
                     strip_export_plumbing)
+from .hf_calls import generate as hf_generate, prepare_call
 from .passes import PassContext, Rewrite, exact_passes
 from .report import APPLIED, ROLLED_BACK, RewriteReport
-from .verify import compare_outputs, error, flat_inputs, record, within_tolerance
+from .compare import compare_outputs, error, within_tolerance
+from .verify import flat_inputs, record
 
 __all__ = ["optimize", "OptimizedModule", "rewrite_captured"]
 
@@ -186,7 +188,13 @@ class OptimizedModule(nn.Module):
         sig = _signature(args, kwargs)
         return next((e for (s, _), e in self._entries.items() if s == sig and e.fits(args, kwargs)), None)
 
+    def call_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        """The keyword arguments the graphs are captured and called with for a call
+        `opt(*args, **kwargs)`: the KV cache off where the model takes one (`hf_calls`)."""
+        return prepare_call(self._original, args, kwargs)[0]
+
     def _entry_for(self, args, kwargs) -> _Entry:
+        """The graph for a call whose kwargs went through `call_kwargs` (captured if new)."""
         entry = self._find(args, kwargs)
         if entry is None:  # a new signature, or sizes the graphs captured so far were specialised against
             entry = self._capture(args, kwargs)
@@ -195,6 +203,7 @@ class OptimizedModule(nn.Module):
 
     def _capture(self, args, kwargs) -> _Entry:
         cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True))
+        cap.notes.extend(prepare_call(self._original, args, kwargs)[1])
         gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
         entry = self._entries[(_signature(args, kwargs), len(self._entries))] = _Entry(gm, report, cap)
         self.add_module(f"graph_{len(self._entries) - 1}", gm)
@@ -202,6 +211,7 @@ class OptimizedModule(nn.Module):
         return entry
 
     def forward(self, *args, **kwargs):
+        kwargs = self.call_kwargs(args, kwargs)
         entry = self._entry_for(args, kwargs)
         try:
             return entry.gm(*args, **kwargs)
@@ -229,7 +239,15 @@ class OptimizedModule(nn.Module):
         with the batch and sequence dims dynamic as they were captured."""
         return self._export(args, kwargs, dims=2)
 
+    def generate(self, *args, **kwargs):
+        """The original model's `generate()` running this optimised forward, without a KV
+        cache: every step re-runs the whole sequence (greedy decoding gives the original's
+        tokens under exact rewrites). The report's capture notes say so."""
+        return hf_generate(self, self._original, args, kwargs)
+
     def _export(self, args: tuple, kwargs: dict, dims: int) -> torch.export.ExportedProgram:
+        if args or kwargs:
+            kwargs = self.call_kwargs(args, kwargs)
         entry = self._find(args, kwargs) if args or kwargs else self._last
         if entry is None:
             entry = self._entry_for(args, kwargs)
@@ -295,7 +313,7 @@ def optimize(
     opt = OptimizedModule(model, options, verify)
     if example_inputs is not None or example_kwargs:
         args = example_inputs if isinstance(example_inputs, tuple) else (() if example_inputs is None else (example_inputs,))
-        opt._entry_for(args, dict(example_kwargs or {}))
+        opt._entry_for(args, opt.call_kwargs(args, dict(example_kwargs or {})))
         if autotune:
             from .autotune import autotune as _autotune
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
+from .compare import sample_cosines
 
 __all__ = ["search_policy", "PolicySearchResult", "Point", "DEFAULT_CHOICES", "apply_policy"]
 
@@ -144,11 +144,11 @@ class _Base:
         from .optimize import optimize
         from .verify import flat_inputs
 
-        self.model, self.args, self.kwargs = model, args, kwargs
         self.optimized = optimize(model, args, example_kwargs=kwargs or None)
         entry = self.optimized._last
+        self.model, self.args, self.kwargs = model, args, entry.captured.example_kwargs  # as captured (no KV cache)
         self.gm, self.method = entry.gm, entry.captured.method
-        self.flat = flat_inputs(self.gm, args, kwargs)
+        self.flat = flat_inputs(self.gm, args, self.kwargs)
         sdpa = torch.ops.aten.scaled_dot_product_attention.default
         from .graph import module_path
 
@@ -236,14 +236,9 @@ def _outputs(fn, calls) -> list:
 
 def mean_cosine(outputs: list, reference: list) -> float:
     """Mean over samples (dim 0 of every float output) of the cosine to the original's."""
-    cos = []
-    for out, ref in zip(outputs, reference):
-        a = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        e = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        for x, y in zip(a, e):
-            x2 = x.double().reshape(x.shape[0], -1) if x.dim() else x.double().reshape(1, 1)
-            y2 = y.double().reshape(y.shape[0], -1) if y.dim() else y.double().reshape(1, 1)
-            cos.append(torch.nn.functional.cosine_similarity(x2, y2, dim=1))
+    if len(outputs) != len(reference):
+        raise ValueError(f"{len(outputs)} outputs for {len(reference)} reference outputs")
+    cos = [sample_cosines(out, ref) for out, ref in zip(outputs, reference)]
     return float(torch.cat(cos).mean())
 
 
@@ -367,6 +362,8 @@ def search_policy(
     base = _Base(model, args, kwargs)
     if not base.layers:
         raise ValueError("the model has no softmax attention site to replace")
+    calls = [(a, base.optimized.call_kwargs(a, kw)) for a, kw in calls]  # as the graphs take them (no KV cache)
+    lat_kwargs = base.optimized.call_kwargs(lat_args, lat_kwargs)
     from .verify import flat_inputs
 
     shapes = _token_count(base, flat_inputs(base.gm, lat_args, lat_kwargs))

@@ -20,7 +20,7 @@ from rewriter import CaptureError
 from rewriter._model_source import UsageError, load_model, load_pt2
 from rewriter.capture import ExampleInputsError
 from rewriter.export import ExportError
-from rewriter.verify import compare_outputs
+from rewriter.compare import compare_outputs
 from tests.helpers import assert_close, rewrite_zip
 from tests.models import own
 

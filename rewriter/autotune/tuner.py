@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .. import kernels
-from ..verify import error
+from ..compare import error
 from .bench import median_ms
 from .select import device_kind, source_hash
 from .space import Space, space

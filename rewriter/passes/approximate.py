@@ -20,7 +20,8 @@ from torch import nn
 
 from ..graph import module_path, val
 from ..report import Site
-from ..verify import cosine, error, record
+from ..compare import cosine, error
+from ..verify import record
 from ._args import args_of
 from ._masks import MaskPlan, key_mask_node, plan_mask
 from ._rules import Rewrite
