@@ -45,11 +45,35 @@ def run_example(model: nn.Module, args: tuple, kwargs: dict):
             return model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the inputs do not fit the model: say so, once
         where = _user_frame(e)
+        missing = _not_given(model, args, kwargs)
         raise ExampleInputsError(
             f"{type(model).__name__} raised {_first_line(e)} when called on the example inputs "
             f"({_describe(args, kwargs)})" + (f"\n  at {where}" if where else "") +
             "\n  try: pass example inputs the model runs on: as many as its forward takes, "
-            "with the shapes and dtypes it expects") from e
+            "with the shapes and dtypes it expects"
+            + (f"\n  its forward also takes: {', '.join(missing)} (pass them with example_kwargs=...)" if missing else "")
+        ) from e
+
+
+def _not_given(model: nn.Module, args: tuple, kwargs: dict, most: int = 8) -> list[str]:
+    """The forward's named parameters this call leaves at their defaults (what to pass next)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
+    left = [p.name for p in named[len(args):] if p.name not in kwargs]
+    return left[:most] + (["…"] if len(left) > most else [])
+
+
+_CARRIED = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def uncarried_outputs(output) -> list[str]:
+    """'path: Type' for every part of an output a graph cannot return (e.g. a cache object)."""
+    leaves, _ = torch.utils._pytree.tree_flatten_with_path(output)
+    return [f"{torch.utils._pytree.keystr(p) or 'output'}: {type(x).__name__}" for p, x in leaves
+            if not isinstance(x, _CARRIED)]
 
 
 @dataclass
@@ -209,7 +233,14 @@ def capture(
                 notes.append(f"torch.export failed ({_first_line(errors[-1][1])}); used torch.fx.symbolic_trace")
             return Captured(gm, "symbolic_trace", args, kwargs, {}, notes)
 
-    run_example(model, args, kwargs)  # inputs the model itself rejects: say that, not how capture failed
+    output = run_example(model, args, kwargs)  # inputs the model itself rejects: say that, not how capture failed
+    odd = uncarried_outputs(output)
+    if odd:
+        raise CaptureError(
+            f"could not capture {type(model).__name__}: its output holds what a graph cannot return "
+            f"({'; '.join(odd[:4])})\n  try: return tensors, or tuples, lists, dicts or dataclasses of tensors "
+            "(a dataclass or class of your own: register it with torch.utils._pytree.register_dataclass / "
+            "register_pytree_node); for a KV cache, call the model with use_cache=False") from (errors[-1][1] if errors else None)
     lines = [f"could not capture {type(model).__name__} as a graph:"]
     for how, e in errors:
         where = _user_frame(e)

@@ -88,6 +88,7 @@ class RewriteReport:
         approx = self.verification.get("approximate_output")
         if approx and "rel_l2" in approx:
             parts.append(f"with approximate attention: output rel_l2 {approx['rel_l2']:.1e}")
+        parts.extend(self.capture.get("notes", []))
         return "; ".join(parts) or "no sites found"
 
     def __str__(self) -> str:

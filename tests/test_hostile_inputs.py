@@ -86,6 +86,41 @@ def test_a_failed_first_call_leaves_nothing_captured():
     assert opt._entries == {} and opt._last is None and "not captured" in opt.report.verification["note"]
 
 
+class _Handle:
+    """An object a graph cannot return (not a registered pytree)."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+class OddOutput(nn.Module):
+    def forward(self, x):
+        return {"y": x * 2, "state": _Handle(x)}
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["example_inputs", "first_call"])
+def test_an_output_a_graph_cannot_carry_is_named(lazy):
+    with pytest.raises(CaptureError) as e:
+        if lazy:
+            rewriter.optimize(OddOutput())(torch.randn(2, 8))
+        else:
+            rewriter.optimize(OddOutput(), (torch.randn(2, 8),))
+    msg = str(e.value)
+    assert "could not capture OddOutput" in msg and "['state']: _Handle" in msg and "register_dataclass" in msg
+    assert "Traceback" not in msg and "treespec" not in msg
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, *, scale=None, bias=None):
+        return x * scale + bias
+
+
+def test_a_forward_argument_not_given_is_named():
+    with pytest.raises(ExampleInputsError) as e:
+        rewriter.optimize(TwoInputs(), (torch.randn(2, 8),))
+    assert "its forward also takes: scale, bias (pass them with example_kwargs=...)" in str(e.value)
+
+
 # ------------------------------------------------------------------ example inputs that do not fit
 
 
