@@ -442,7 +442,7 @@ def _calibrate(optimized, original, calls, held_out, steps, lr, kl_weight, end_t
             out, rec = _teacher_run(gm, sites, flat_inputs(gm, args, kwargs))
             if original is not None:
                 with torch.no_grad():
-                    out = original(*args, **kwargs)
+                    out = original(*args, **entry.captured.model_kwargs(kwargs))
             outs.append(out)
             recs.append(rec)
         return outs, recs
@@ -539,6 +539,6 @@ def _record(entry, report: CalibrationReport, original) -> None:
 
         args, kwargs = entry.captured.example_args, entry.captured.example_kwargs
         with torch.no_grad():
-            result = compare_outputs(entry.gm(*args, **kwargs), original(*args, **kwargs))
+            result = compare_outputs(entry.gm(*args, **kwargs), original(*args, **entry.captured.model_kwargs(kwargs)))
         rep.verification["approximate_output"] = {**{k: v for k, v in result.items() if k != "ok"},
                                                   "after": "calibration"}

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-__all__ = ["CaptureError", "ExampleInputsError", "Captured", "capture", "dynamic_shapes", "export_program",
+__all__ = ["CaptureError", "ExampleInputsError", "Captured", "capture", "bind_constant_inputs", "dynamic_shapes", "export_program",
            "run_example", "trace_pattern"]
 
 
@@ -85,6 +85,13 @@ class Captured:
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     exported: Any = None  # the ExportedProgram, when method == "export"
+    # constant keywords the capture passed and the graph now holds (e.g. use_cache=False):
+    # call the original model with them added, the graph without
+    fixed_kwargs: dict = field(default_factory=dict)
+
+    def model_kwargs(self, kwargs: dict) -> dict:
+        """The keywords to call the original model with for a graph call with `kwargs`."""
+        return {**kwargs, **self.fixed_kwargs}
 
 
 def dynamic_shapes(model, args: tuple, kwargs: dict, dims: int = 2):
@@ -196,10 +203,13 @@ def capture(
     *,
     dynamic: bool = True,
     method: str = "auto",
+    fixed_kwargs: dict | None = None,
 ) -> Captured:
     """Capture `model` called on the example inputs as an FX graph.
 
     method: "auto" (export, then symbolic_trace), "export" or "symbolic_trace".
+    fixed_kwargs: constant keywords to call the model with that become part of the graph
+      (it does not take them as inputs), e.g. {"use_cache": False}.
     Raises CaptureError naming the op or line that failed and what to try.
     """
     if not isinstance(model, nn.Module):
@@ -208,20 +218,24 @@ def capture(
         raise ValueError(f"method must be 'auto', 'export' or 'symbolic_trace', not {method!r}")
     args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     kwargs = dict(example_kwargs or {})
+    fixed = dict(fixed_kwargs or {})
+    if fixed:  # keyword constants go through export; the symbolic_trace fallback takes positional inputs only
+        method = "export" if method == "auto" else method
     notes: list[str] = []
     errors: list[tuple[str, BaseException]] = []
 
     if method in ("auto", "export"):
         for dyn in ((True, False) if dynamic else (False,)):
             try:
-                ep = _export(model, args, kwargs, dyn)
+                ep = _export(model, args, {**kwargs, **fixed}, dyn)
             except Exception as e:  # noqa: BLE001 - reported below with the failing line
                 errors.append(("torch.export" + (" (dynamic)" if dyn else ""), e))
                 continue
             gm = ep.module()
+            bind_constant_inputs(gm, fixed)
             if not dyn and dynamic:
                 notes.append("dynamic batch/sequence dims were refused by the model; captured with static shapes")
-            return Captured(gm, "export", args, kwargs, _dynamic_dims_of(ep), notes, ep)
+            return Captured(gm, "export", args, kwargs, _dynamic_dims_of(ep), notes, ep, fixed)
 
     if method in ("auto", "symbolic_trace"):
         try:
@@ -233,7 +247,7 @@ def capture(
                 notes.append(f"torch.export failed ({_first_line(errors[-1][1])}); used torch.fx.symbolic_trace")
             return Captured(gm, "symbolic_trace", args, kwargs, {}, notes)
 
-    output = run_example(model, args, kwargs)  # inputs the model itself rejects: say that, not how capture failed
+    output = run_example(model, args, {**kwargs, **fixed})  # inputs the model itself rejects: say that, not how capture failed
     odd = uncarried_outputs(output)
     if odd:
         raise CaptureError(
@@ -251,6 +265,29 @@ def capture(
         "untraceable helpers with torch.fx.wrap"
     )
     raise CaptureError("\n".join(lines)) from (errors[-1][1] if errors else None)
+
+
+def bind_constant_inputs(gm: fx.GraphModule, constants: dict) -> None:
+    """Make the keyword inputs `constants` (non-tensor values export took as inputs) part of
+    the graph: their placeholders go, and the graph is called without them."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if not constants or info is None:
+        return
+    spec = info.in_spec
+    args, kwargs = torch.utils._pytree.tree_unflatten(list(range(spec.num_leaves)), spec)  # leaf index per input
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for key, value in constants.items():
+        node = placeholders[kwargs[key]]
+        for user in list(node.users):
+            user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+    n_args = spec.child(0).num_children
+    names = dict(zip(spec.child(1).context, info.orig_args[n_args:]))
+    kept = {k: v for k, v in kwargs.items() if k not in constants}
+    gm.graph._codegen.pytree_info = info._replace(
+        orig_args=info.orig_args[:n_args] + [names[k] for k in kept],
+        in_spec=torch.utils._pytree.tree_structure((args, kept)))
+    gm.recompile()
 
 
 def trace_pattern(fn, example_args: tuple, method: str) -> fx.Graph:

@@ -1,8 +1,9 @@
 """ONNX export of rewritten models, checked in ONNX Runtime before the file is kept.
 
 The rewritten program is re-exported with torch.export, converted by torch.onnx's
-dynamo exporter with a translation for every `rewriter::` op (`kernels/<op>/onnx.py`),
-checked with `onnx.checker`, run in onnxruntime on the example inputs and compared
+dynamo exporter with a translation for every `rewriter::` op (`kernels/<op>/onnx.py`)
+and for the upstream ops it lacks (grouped_mm), fixed up where torch.onnx and the
+onnxscript optimizer get a graph wrong (`_for_onnx`, `_fix_ir`), checked with `onnx.checker`, run in onnxruntime on the example inputs and compared
 with PyTorch. Only a file that passed all of that is moved to the destination.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .compare import error, pairs
@@ -43,7 +45,8 @@ class OnnxExport:
 
 
 def translation_table(opset: int = 18) -> dict:
-    """{rewriter op overload: onnxscript translation}."""
+    """{op overload: onnxscript translation}: every rewriter op, and the ops of other
+    libraries torch.onnx cannot translate."""
     from .kernels.agent_attention import onnx as agent
     from .kernels.layer_norm import onnx as layer_norm
     from .kernels.linear_attention import onnx as linear
@@ -52,6 +55,7 @@ def translation_table(opset: int = 18) -> dict:
 
     ops = torch.ops.rewriter
     return {
+        **_upstream_translations(),
         ops.rms_norm.default: rms.rms_norm_opset23 if opset >= 23 else rms.rms_norm,
         ops.crms_norm.default: rms.crms_norm,
         ops.layer_norm.default: layer_norm.layer_norm,
@@ -61,6 +65,18 @@ def translation_table(opset: int = 18) -> dict:
         ops.window_attention_2d.default: window.window_attention_2d,
         ops.neighborhood_attention_2d.default: window.neighborhood_attention_2d,
     }
+
+
+def _upstream_translations() -> dict:
+    """Ops of other libraries that torch.onnx has no translation for."""
+    from .kernels._onnx import grouped_mm
+
+    table = {torch.ops.aten._grouped_mm.default: grouped_mm}  # mixture-of-experts layers
+    try:  # registered when transformers' MoE integration is imported (the model is built with it)
+        table[torch.ops.transformers.grouped_mm_fallback.default] = grouped_mm
+    except AttributeError:
+        pass
+    return table
 
 
 def _program(module, args: tuple, kwargs: dict, dims: int) -> torch.export.ExportedProgram:
@@ -97,7 +113,10 @@ def _cannot_export(model: nn.Module, args: tuple, kwargs: dict, exc: BaseExcepti
               "(use torch.where / torch.cond)")
 
 
-def _axes(ep: torch.export.ExportedProgram, why: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+def _axes(ep: torch.export.ExportedProgram, tried: int, why: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """(input -> its dynamic dims, "input[dim]" -> why it is fixed) for the first two dims
+    of every tensor input: `tried` of them were asked to be dynamic (the ones past it were
+    fixed for `why`); a dim asked for and still static is one the model fixes."""
     dynamic, fixed = {}, {}
     for node in ep.graph.nodes:
         if node.op != "placeholder" or node.name not in ep.graph_signature.user_inputs:
@@ -105,12 +124,13 @@ def _axes(ep: torch.export.ExportedProgram, why: str) -> tuple[dict[str, list[in
         v = node.meta.get("val")
         if not isinstance(v, torch.Tensor):
             continue
-        dims = [i for i, s in enumerate(v.shape) if not isinstance(s, int)]
+        dims = [i for i, s in enumerate(v.shape) if not is_concrete_int(s)]
         if dims:
             dynamic[node.name] = dims
         for i in range(min(v.dim(), 2)):
             if i not in dims:
-                fixed[f"{node.name}[{i}]"] = why or "the model specialises on this size (torch.export kept it static)"
+                fixed[f"{node.name}[{i}]"] = (why if i >= tried and why else
+                                              "the model specialises on this size (torch.export kept it static)")
     return dynamic, fixed
 
 
@@ -134,20 +154,24 @@ def _explain(exc: BaseException, ep: torch.export.ExportedProgram) -> str:
     return f"ONNX conversion failed: {first}"
 
 
-def _leaves(x) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+def _ort_inputs(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The example tensors in the order of the program's (and so the ONNX graph's) inputs."""
+    with contextlib.suppress(Exception):  # the order of kwargs the program was exported with
+        keys = ep.call_spec.in_spec.child(1).context
+        if set(keys) == set(kwargs):
+            kwargs = {k: kwargs[k] for k in keys}
+    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
-def _run_ort(path: str, args: tuple, kwargs: dict) -> list:
+def _run_ort(path: str, inputs: list[torch.Tensor]) -> list:
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    flat = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     names = [i.name for i in session.get_inputs()]
-    if len(names) != len(flat):
-        raise ExportError(f"the ONNX graph takes {len(names)} inputs but {len(flat)} example tensors were given")
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, flat)}
+    if len(names) != len(inputs):
+        raise ExportError(f"the ONNX graph takes {len(names)} inputs but {len(inputs)} example tensors were given")
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
     return [np.asarray(o) for o in session.run(None, feed)]
 
 
@@ -184,17 +208,21 @@ def export_onnx(module, path: str | os.PathLike, example_inputs: Any = None, *, 
     os.close(fd)
     os.remove(probe)
 
+    kwargs = _call_kwargs(module, args, kwargs)
     fixed_why = ""
     attempts = (2, 1, 0) if dynamic else (0,)  # batch+sequence dynamic, then batch only, then static
     needs_length = _length_bound_ops(module)
     if needs_length and dynamic:  # skip an attempt that is bound to fail (each costs a full conversion)
         attempts, fixed_why = (1, 0), f"{needs_length} needs the sequence length at export time (its gather plan)"
     for dims in attempts:
-        ep = _program(module, args, kwargs, dims)
+        ep = _for_onnx(_program(module, args, kwargs, dims), owned=not isinstance(module, torch.export.ExportedProgram))
         try:
             with _quiet():
                 program = torch.onnx.export(ep, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                            custom_translation_table=translation_table(opset), verbose=False)
+                                            custom_translation_table=translation_table(opset), verbose=False,
+                                            optimize=False)
+                _fix_ir(program.model)
+                program.optimize()
             break
         except Exception as e:  # noqa: BLE001 - rephrased with the failing op and site
             static = _needs_static(e)
@@ -202,8 +230,93 @@ def export_onnx(module, path: str | os.PathLike, example_inputs: Any = None, *, 
                 raise ExportError(_explain(e, ep)) from e
             fixed_why = str(static)
     worst = _check_and_save(program, ep, args, kwargs, path, atol)
-    dyn, fixed = _axes(ep, fixed_why)
+    dyn, fixed = _axes(ep, dims, fixed_why)
     return OnnxExport(str(path), opset, worst, dyn, fixed)
+
+
+def _call_kwargs(module, args: tuple, kwargs: dict) -> dict:
+    """The kwargs the model is captured and run with: the KV cache off where its forward
+    takes `use_cache` (as optimize() does), so the graph returns no cache object."""
+    from .hf_calls import prepare_call
+    from .optimize import OptimizedModule
+
+    if isinstance(module, OptimizedModule):
+        return module.call_kwargs(args, kwargs)
+    if isinstance(module, nn.Module):
+        return prepare_call(module, args, kwargs)[0]
+    return kwargs
+
+
+def _for_onnx(ep: torch.export.ExportedProgram, owned: bool) -> torch.export.ExportedProgram:
+    """The program with every `aten.contiguous` spelled as a contiguous `clone`.
+
+    torch.onnx decomposes the program before converting it, and `contiguous` decomposes to
+    nothing when the tensor it sees is already contiguous. The fake strides it sees for
+    `scaled_dot_product_attention` (the flash kernel's, [B, N, H, D] in memory) are not
+    the ones a second propagation sees (the math kernel's), so `sdpa(...).transpose(1, 2)
+    .contiguous().view(...)` — every canonicalised attention site — loses its contiguous
+    and the view then fails ("Cannot view a tensor with shape ..."; Swin's windows). A
+    clone is kept, and converts to nothing (ONNX has no strides)."""
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]
+    if not nodes:
+        return ep
+    if not owned:  # the caller's own ExportedProgram: leave it as it was
+        import copy
+
+        ep = copy.deepcopy(ep)
+        nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]
+    for node in nodes:
+        fmt = node.kwargs.get("memory_format", torch.contiguous_format)
+        node.target = torch.ops.aten.clone.default
+        node.kwargs = {"memory_format": fmt}
+    ep.graph_module.recompile()
+    return ep
+
+
+_TINY = 1e-8  # onnxscript's `x + 0` / `x - 0` rules take any scalar within this of 0 for 0
+
+
+def _fix_ir(model) -> None:
+    """Fixes to the converted graph before onnxscript's optimizer runs on it.
+
+    - A dim torch.export left symbolic although it is a number (an image's channels under
+      Dim.AUTO come back as SymInt 3) is named "3" in the ONNX graph: make it the int.
+    - A scalar constant added or subtracted that the optimizer would take for 0 (|c| <=
+      1e-8, e.g. an eps of 1e-12) becomes a 1-element tensor it leaves alone; dropping it
+      turns a zero row's norm into 0/0 = NaN.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    def concrete(value) -> None:
+        shape = value.shape
+        if shape is None:
+            return
+        dims = [int(d.value) if isinstance(d, ir.SymbolicDim) and isinstance(d.value, str) and d.value.isdigit()
+                else d for d in shape]
+        if dims != list(shape):
+            value.shape = ir.Shape(dims)
+
+    graph = model.graph
+    for value in (*graph.inputs, *graph.outputs):
+        concrete(value)
+    for graph_like in (graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph_like):
+            for value in node.outputs:
+                concrete(value)
+            if node.op_type not in ("Add", "Sub") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            for i, value in enumerate(node.inputs):
+                other = node.inputs[1 - i]
+                tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+                if tensor is None or other is None or other.shape is None or len(other.shape) == 0:
+                    continue
+                array = tensor.numpy()
+                if array.ndim or array.dtype.kind != "f" or array.item() == 0 or abs(array.item()) > _TINY:
+                    continue
+                keep = ir.node("Constant", [], {"value": ir.tensor(array.reshape(1))})
+                node.graph.insert_before(node, keep)
+                node.replace_input_with(i, keep.outputs[0])
 
 
 _LENGTH_BOUND = ("sliding_window_attention", "agent_attention")  # their ONNX graphs embed length-sized plans
@@ -240,20 +353,26 @@ def _check_and_save(program, ep, args, kwargs, path: Path, atol: float) -> float
 
     try:
         with torch.no_grad():
-            expected = _leaves(ep.module()(*args, **kwargs))
+            output = ep.module()(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - e.g. a dtype the model's weights do not take (export does not check)
         raise ExportError(f"the model fails on the example inputs ({_describe(args, kwargs)}): {_first_line(e)}; "
                           "pass example inputs of the shapes and dtypes the model expects") from e
+    leaves, spec = pytree.tree_flatten(output)
+    expected = [t for t in leaves if isinstance(t, torch.Tensor)]
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}.")
     os.close(fd)
     try:
         program.save(tmp)
         onnx.checker.check_model(tmp, full_check=False)
-        got = _run_ort(tmp, args, kwargs)
+        got = [torch.from_numpy(o) for o in _run_ort(tmp, _ort_inputs(ep, args, kwargs))]
         if len(got) != len(expected):
             raise ExportError(f"the ONNX graph returns {len(got)} outputs, PyTorch {len(expected)}")
+        it = iter(got)  # the onnxruntime outputs in the model's own output structure: fields by name
+        actual = pytree.tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in leaves], spec)
         worst = 0.0
-        for name, o, e in pairs([torch.from_numpy(o) for o in got], expected):
+        for name, o, e in pairs(actual, output):
+            if not isinstance(e, torch.Tensor):
+                continue
             if e.is_floating_point():
                 err = error(o, e)["max_abs"]
                 if err == float("inf"):

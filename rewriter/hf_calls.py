@@ -19,6 +19,7 @@ from .capture import CaptureError
 
 __all__ = ["CacheError", "prepare_call", "generate", "CACHE_OFF_NOTE"]
 
+
 CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")  # the cache argument, as versions name it
 CACHE_OFF_NOTE = ("KV cache off: captured with use_cache=False, so outputs carry no past_key_values; "
                   "generate() re-runs the full sequence for each new token")
@@ -39,15 +40,17 @@ def _parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
         return {}
 
 
-def prepare_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, list[str]]:
-    """The keyword arguments to capture and run `model` with, and the notes to report.
+def prepare_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict, list[str]]:
+    """(the graph's keyword inputs, the constant keywords the capture binds into the graph,
+    the notes to report) for a call `model(*args, **kwargs)`.
 
-    Turns the KV cache off where the forward takes `use_cache`; drops a `return_dict` /
-    `output_*` flag bound for `**kwargs` when it equals the config's own value; raises
-    CacheError for a cache handed in or `use_cache=True` asked for."""
+    Turns the KV cache off where the forward takes `use_cache` (bound as use_cache=False,
+    so the graph, its .pt2 and its ONNX file take only the user's inputs); drops a
+    `return_dict` / `output_*` flag bound for `**kwargs` when it equals the config's own
+    value; raises CacheError for a cache handed in or `use_cache=True` asked for."""
     params = _parameters(model)
     if "use_cache" not in params:
-        return kwargs, []
+        return kwargs, {}, []
     name = type(model).__name__
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     given = dict(kwargs)
@@ -62,16 +65,14 @@ def prepare_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, lis
         raise CacheError(
             f"{name} was called with use_cache=True: the optimised model runs without a KV cache and returns "
             "none; drop use_cache (or pass use_cache=False), or use opt.generate(...) to decode")
-    out = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}
-    if "use_cache" not in given:
-        out["use_cache"] = False
+    out = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES and k != "use_cache"}
     var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
     config = getattr(model, "config", None)
     for flag, attr in _CONFIG_FLAGS.items():
         if var_keyword and flag in out and flag not in params and out[flag] == getattr(config, attr, object()):
             del out[flag]
     notes = [CACHE_OFF_NOTE] if getattr(config, "use_cache", False) else []
-    return out, notes
+    return out, {"use_cache": False}, notes
 
 
 def _empty_cache(cache: Any) -> bool:

@@ -81,7 +81,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     report = RewriteReport(capture={"method": cap.method, "dynamic_dims": cap.dynamic_dims, "notes": cap.notes})
     args, kwargs = cap.example_args, cap.example_kwargs
     flat = flat_inputs(gm, args, kwargs)
-    expected = run_example(model, args, kwargs) if verify else None  # ExampleInputsError if they do not fit
+    expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit
     ctx = PassContext(gm, cap.method, report, dict(options))
     untouched = _copy_graph(gm.graph)
     done: list[Rewrite] = []
@@ -109,12 +109,12 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     else:
         report.verification["output"] = {"ok": None, "reason": "verify=False"}
     if options.get("attention"):
-        _approximate(model, gm, ctx, options, flat, args, kwargs, verify)
+        _approximate(model, gm, ctx, options, flat, args, kwargs, cap.fixed_kwargs, verify)
     dead_code_elimination(gm)
     return gm, report
 
 
-def _approximate(model, gm, ctx, options, flat, args, kwargs, verify: bool) -> None:
+def _approximate(model, gm, ctx, options, flat, args, kwargs, fixed: dict, verify: bool) -> None:
     """The opt-in approximate attention rewrite, with its end-to-end error measured
     (verify=False skips the measurements: they cost a full-attention forward each)."""
     from .passes import approximate
@@ -128,7 +128,7 @@ def _approximate(model, gm, ctx, options, flat, args, kwargs, verify: bool) -> N
         ctx.report.verification["approximate_output"] = {"reason": "not measured: verify=False"}
         return
     with torch.no_grad():
-        expected = model(*args, **kwargs)
+        expected = model(*args, **kwargs, **fixed)
         result = compare_outputs(gm(*args, **kwargs), expected)
     ctx.report.verification["approximate_output"] = {k: v for k, v in result.items() if k != "ok"}
 
@@ -193,6 +193,12 @@ class OptimizedModule(nn.Module):
         `opt(*args, **kwargs)`: the KV cache off where the model takes one (`hf_calls`)."""
         return prepare_call(self._original, args, kwargs)[0]
 
+    def reference(self, *args, **kwargs):
+        """The original model called as the graphs compute it (KV cache off): what the
+        optimised model is verified against."""
+        graph_kwargs, fixed, _ = prepare_call(self._original, args, kwargs)
+        return self._original(*args, **graph_kwargs, **fixed)
+
     def _entry_for(self, args, kwargs) -> _Entry:
         """The graph for a call whose kwargs went through `call_kwargs` (captured if new)."""
         entry = self._find(args, kwargs)
@@ -202,8 +208,9 @@ class OptimizedModule(nn.Module):
         return entry
 
     def _capture(self, args, kwargs) -> _Entry:
-        cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True))
-        cap.notes.extend(prepare_call(self._original, args, kwargs)[1])
+        _, fixed, notes = prepare_call(self._original, args, kwargs)
+        cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True), fixed_kwargs=fixed)
+        cap.notes.extend(notes)
         gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
         entry = self._entries[(_signature(args, kwargs), len(self._entries))] = _Entry(gm, report, cap)
         self.add_module(f"graph_{len(self._entries) - 1}", gm)

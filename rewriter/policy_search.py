@@ -372,7 +372,7 @@ def search_policy(
     per_layer = _applicable(base, candidates)
     labels = {i: [FULL] + [_label(f, o) for f, o in per_layer[i]] for i in per_layer}
     lookup = {_label(f, o): (f, o) for i in per_layer for f, o in per_layer[i]}
-    reference = _outputs(model, calls)
+    reference = _outputs(base.optimized.reference, calls)
 
     cache: dict[tuple, Point] = {}
     baseline = [measure_latency(base.gm, lat_args, lat_kwargs, repeats) if latency == "measure" else 1.0]

@@ -273,7 +273,7 @@ def test_inspect_hf_post_ln_model_says_why_not(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # rich reads the width from here when stdout is no terminal
     assert main(["inspect", "tests.models.hf:bert"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "model.encoder.layer.0.attention.self" in text and "matmul → mul → add → softmax → matmul" in text
+    assert "encoder.layer.0.attention.self" in text and "matmul → mul → add → softmax → matmul" in text
     assert "Post-LN" in text and "refused" in text and "rewriter.layer_norm" in text
 
 
@@ -304,7 +304,7 @@ def test_export_hf_model_json(capsys, tmp_path):
     data = json.loads(capsys.readouterr().out)
     onnx = data["onnx"]
     assert onnx["path"] == str(out) and out.exists() and onnx["opset"] == 18
-    assert onnx["max_abs_error"] < 1e-4 and onnx["dynamic_axes"] == {"inputs": [0, 1]} and onnx["fixed_axes"] == {}
+    assert onnx["max_abs_error"] < 1e-4 and onnx["dynamic_axes"] == {"input_ids": [0, 1]} and onnx["fixed_axes"] == {}
     assert data["report"]["passes"]["pre_rmsnorm"] == 5
 
 

@@ -73,3 +73,12 @@ def test_generate_needs_a_generation_head():
     model, x = hf.BUILDERS["bert"]()
     with pytest.raises(AttributeError, match="BertModel has no generate"):
         rewriter.optimize(model, x).generate(*x)
+
+
+def test_the_saved_program_takes_only_the_users_inputs(lm, exact, tmp_path):
+    model, ids = lm
+    ep = exact.export(ids)
+    assert [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == ["input_ids"]
+    torch.export.save(ep, tmp_path / "lm.pt2")
+    with torch.no_grad():
+        assert_close(torch.export.load(tmp_path / "lm.pt2").module()(ids).logits, exact.reference(ids).logits)

@@ -13,7 +13,8 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 
-__all__ = ["NeedsStaticShape", "const", "ints", "to_float", "repeat_kv", "static", "dense_attention", "tiles_attention", "MASKED"]
+__all__ = ["NeedsStaticShape", "const", "ints", "epsilon", "to_float", "repeat_kv", "static", "dense_attention",
+           "tiles_attention", "grouped_mm", "MASKED"]
 
 MASKED = -1e30  # additive score of an invisible key (finite: a fully masked row stays finite)
 FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -28,6 +29,14 @@ def const(array) -> object:
 
 def ints(*values: int):
     return op.Constant(value_ints=list(values))
+
+
+def epsilon(value: float):
+    """A small additive constant (a norm's eps) as a 1-element tensor, not a scalar: the
+    onnxscript optimizer that torch.onnx runs drops `x + c` for any scalar |c| <= 1e-8
+    (its no-op rule compares with abs_tol=1e-8), and an eps of 1e-12 lost that way turns
+    a zero row into 0/0 = NaN. A [1] constant broadcasts the same and is left alone."""
+    return op.Constant(value=ir.tensor(np.array([value], dtype=np.float32)))
 
 
 class NeedsStaticShape(ValueError):
@@ -96,3 +105,46 @@ def tiles_attention(q, k, v, key_mask, tiles, d: int, dv: int):
         out = op.Mul(out, op.ReduceMax(visible, ints(-1), keepdims=1))
     out = op.Reshape(out, ints(0, 0, t * m, dv))
     return op.Gather(out, const(tiles.out_idx), axis=2)
+
+
+INT64 = 7  # onnx.TensorProto.INT64
+
+
+def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """`aten._grouped_mm` and `transformers::grouped_mm_fallback` (mixture-of-experts
+    layers): mat_a [M, K] holds rows sorted by group, offs [G] each group's end row, mat_b
+    [G, K, N] the groups' matrices -> [M, N], row r times its group's matrix (+ bias [G, N]);
+    rows past offs[-1] give zeros (as the fallback does). Without offs, mat_a [G, M, K]
+    batched with mat_b [G, K, N].
+
+    G is static (the number of experts), so this is one Slice + MatMul per group and one
+    Concat: no [M, K, N] gather of every row's matrix.
+    """
+    if offs is None:
+        if len(mat_a.shape) != 3 or len(mat_b.shape) != 3:
+            raise ValueError("grouped_mm without offs needs mat_a [G, M, K] and mat_b [G, K, N] for ONNX export")
+        out = op.MatMul(mat_a, mat_b)
+        if bias is not None:
+            out = op.Add(out, op.Unsqueeze(bias, ints(1)))
+        return out if out_dtype is None else op.Cast(out, to=out_dtype)
+    if len(mat_a.shape) != 2 or len(mat_b.shape) != 3:
+        raise ValueError(f"grouped_mm with offs is exported for mat_a [M, K] and mat_b [G, K, N] "
+                         f"(got ranks {len(mat_a.shape)} and {len(mat_b.shape)})")
+    groups = static(mat_b, 0, "grouped_mm (the number of groups)")
+    ends = op.Cast(offs, to=INT64)  # [G]
+    axis0 = ints(0)
+    start = ints(0)
+    outs = []
+    for g in range(groups):
+        end = op.Slice(ends, ints(g), ints(g + 1), axis0)  # [1]
+        rows = op.Slice(mat_a, start, end, axis0)  # [n_g, K]
+        out = op.MatMul(rows, op.Gather(mat_b, op.Constant(value_int=g), axis=0))  # [n_g, N]
+        if bias is not None:
+            out = op.Add(out, op.Gather(bias, op.Constant(value_int=g), axis=0))
+        outs.append(out)
+        start = end
+    rest = op.Slice(mat_a, start, ints(2 ** 62), axis0)  # rows no group claims: zeros
+    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), outs[0]),
+                      op.Concat(op.Shape(rest, start=0, end=1), op.Shape(mat_b, start=2, end=3), axis=0))
+    out = op.Concat(*outs, zeros, axis=0)
+    return out if out_dtype is None else op.Cast(out, to=out_dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from .._onnx import ints, repeat_kv, static, to_float
+from .._onnx import epsilon, ints, repeat_kv, static, to_float
 
 TINY = 1.1754943508222875e-38  # fp32 tiny: guards the focused map's divisions
 
@@ -43,8 +43,8 @@ def linear_attention(q, k, v, key_mask, feature_map: str, causal: bool, normaliz
         z = op.Unsqueeze(op.ReduceSum(kf, ints(2), keepdims=0), ints(-1))  # [B, H, D, 1]
         den = op.MatMul(qf, z)
     if normalize == "denominator":
-        o = op.Div(o, op.Add(den, op.Constant(value_float=eps)))
+        o = op.Div(o, op.Add(den, epsilon(eps)))
     else:
         ms = op.ReduceMean(op.Mul(o, o), ints(-1), keepdims=1)
-        o = op.Div(o, op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
+        o = op.Div(o, op.Sqrt(op.Add(ms, epsilon(eps))))
     return op.CastLike(o, q)

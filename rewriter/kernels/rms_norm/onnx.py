@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from .._onnx import ints, to_float
+from .._onnx import epsilon, ints, to_float
 
 
 def _affine(y, weight, bias, weight_offset: float = 0.0):
@@ -26,7 +26,7 @@ def rms_norm(x, weight=None, bias=None, eps: float = 1e-6, weight_offset: float 
     # one SimplifiedLayerNormalization kernel
     xf = to_float(x)
     ms = op.ReduceMean(op.Pow(xf, op.Constant(value_float=2.0)), ints(-1), keepdims=1)
-    y = op.Div(xf, op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
+    y = op.Div(xf, op.Sqrt(op.Add(ms, epsilon(eps))))
     return op.CastLike(_affine(y, weight, bias, weight_offset), x)
 
 
@@ -47,5 +47,5 @@ def crms_norm(x, weight=None, bias=None, eps: float = 1e-6):
     ms = op.Div(op.Add(op.ReduceSum(op.Mul(xf, xf), ints(-1), keepdims=1), op.Mul(total, total)),
                 op.Constant(value_float=d))
     full = op.Concat(xf, op.Neg(total), axis=-1)
-    y = op.Div(full, op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
+    y = op.Div(full, op.Sqrt(op.Add(ms, epsilon(eps))))
     return op.CastLike(_affine(y, weight, bias), x)
