@@ -27,6 +27,7 @@ MODES = ("linear", "agent", "sliding_window", "window2d", "neighborhood")
 COLUMNS = ("exact", *MODES, "onnx")
 NOT_FITTING = "–"  # the mode does not fit the model's attention (e.g. a 2-D window over text)
 EXACT_TOL = 1e-5
+pytestmark = pytest.mark.zoo  # not yet in the default run: its README table is not generated yet
 
 
 @functools.cache
