@@ -235,40 +235,52 @@ def export_onnx(module, path: str | os.PathLike, example_inputs: Any = None, *, 
 
 
 def _call_kwargs(module, args: tuple, kwargs: dict) -> dict:
-    """The kwargs the model is captured and run with: the KV cache off where its forward
-    takes `use_cache` (as optimize() does), so the graph returns no cache object."""
+    """The kwargs the model is exported and run with: the KV cache off where its forward
+    takes `use_cache` (as optimize() does), so the graph returns no cache object. An
+    optimised module's graphs hold use_cache=False already; a plain module is exported
+    with it passed (a constant, not an input of the ONNX graph)."""
     from .hf_calls import prepare_call
     from .optimize import OptimizedModule
 
     if isinstance(module, OptimizedModule):
         return module.call_kwargs(args, kwargs)
     if isinstance(module, nn.Module):
-        return prepare_call(module, args, kwargs)[0]
+        graph_kwargs, fixed, _ = prepare_call(module, args, kwargs)
+        return {**graph_kwargs, **fixed}
     return kwargs
 
 
-def _for_onnx(ep: torch.export.ExportedProgram, owned: bool) -> torch.export.ExportedProgram:
-    """The program with every `aten.contiguous` spelled as a contiguous `clone`.
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
-    torch.onnx decomposes the program before converting it, and `contiguous` decomposes to
-    nothing when the tensor it sees is already contiguous. The fake strides it sees for
-    `scaled_dot_product_attention` (the flash kernel's, [B, N, H, D] in memory) are not
-    the ones a second propagation sees (the math kernel's), so `sdpa(...).transpose(1, 2)
-    .contiguous().view(...)` — every canonicalised attention site — loses its contiguous
-    and the view then fails ("Cannot view a tensor with shape ..."; Swin's windows). A
-    clone is kept, and converts to nothing (ONNX has no strides)."""
-    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]
-    if not nodes:
+
+def _for_onnx(ep: torch.export.ExportedProgram, owned: bool) -> torch.export.ExportedProgram:
+    """The program with a contiguous `clone` after every `scaled_dot_product_attention`.
+
+    torch.onnx decomposes the program before converting it. In that re-trace the
+    attention's output has the CPU flash kernel's layout ([B, N, H, D] in memory), so the
+    `.transpose(1, 2).contiguous().view(...)` (or `.reshape`) that follows every attention
+    site looks contiguous and decomposes to a bare view; torch.onnx's type-promotion pass
+    then propagates again with a contiguous [B, H, N, D] output and that view fails
+    ("Cannot view a tensor with shape ..."): Swin's windows, BEiT's relative position bias,
+    and plain torch.onnx.export of these models with sdpa attention. After a clone the
+    strides are the same in both, and a clone converts to nothing (ONNX has no strides)."""
+    def sites(program):
+        return [n for n in program.graph.nodes if n.op == "call_function" and n.target is _SDPA]
+
+    if not sites(ep):
         return ep
     if not owned:  # the caller's own ExportedProgram: leave it as it was
         import copy
 
         ep = copy.deepcopy(ep)
-        nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]
-    for node in nodes:
-        fmt = node.kwargs.get("memory_format", torch.contiguous_format)
-        node.target = torch.ops.aten.clone.default
-        node.kwargs = {"memory_format": fmt}
+    graph = ep.graph
+    for node in sites(ep):
+        with graph.inserting_after(node):
+            clone = graph.call_function(torch.ops.aten.clone.default, (node,),
+                                        {"memory_format": torch.contiguous_format})
+        node.replace_all_uses_with(clone, delete_user_cb=lambda user: user is not clone)
+        clone.meta = {**node.meta, "val": node.meta["val"].clone(memory_format=torch.contiguous_format)} \
+            if isinstance(node.meta.get("val"), torch.Tensor) else dict(node.meta)
     ep.graph_module.recompile()
     return ep
 
@@ -285,7 +297,6 @@ def _fix_ir(model) -> None:
       1e-8, e.g. an eps of 1e-12) becomes a 1-element tensor it leaves alone; dropping it
       turns a zero row's norm into 0/0 = NaN.
     """
-    import numpy as np
     import onnx_ir as ir
 
     def concrete(value) -> None:
