@@ -12,6 +12,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+aten = torch.ops.aten
+
 from ..graph import CAST, MATMUL, SOFTMAX, module_path, spelled
 from ..report import RewriteReport, Site
 from ._rules import Rewrite, apply_rules
@@ -63,26 +65,49 @@ def _report_unmatched_softmax(ctx: PassContext) -> None:
     for n in ctx.gm.graph.nodes:
         if n in ctx.claimed or not spelled(n, SOFTMAX):
             continue
-        readers = _through_casts(n)
+        readers, reshaped = _readers(n)
         if any(u.name in seen for u in readers):
             continue  # a pattern matched this site and its check refused it, with a reason
         if any(spelled(u, MATMUL) for u in readers):
-            why = ("softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"
-                   if ctx.method == "export" else
-                   "softmax attention in a symbolic_trace graph, spelled in a form no pattern covers; left as written "
-                   "(a model torch.export can capture is matched on its ATen graph)")
+            if ctx.method != "export":
+                why = ("softmax attention in a symbolic_trace graph, spelled in a form no pattern covers; left as written "
+                       "(a model torch.export can capture is matched on its ATen graph)")
+            elif reshaped or _reshaped_scores(n):
+                why = ("softmax attention whose scores are reshaped between the matmuls and the softmax (e.g. DeBERTa's "
+                       "[batch·heads, L, L] ↔ [batch, heads, L, L] views); no pattern covers it, left as written")
+            else:
+                why = "softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"
             ctx.report.add(Site(module_path(n), "attention", "sdpa", pass_name="canonical_attention", node=n.name)
                            .refuse(why))
 
 
-def _through_casts(n: fx.Node) -> list[fx.Node]:
-    out = []
-    for u in n.users:
-        if spelled(u, CAST):
-            out.extend(u.users)
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+             aten.contiguous.default}
+
+
+def _readers(n: fx.Node) -> tuple[list[fx.Node], bool]:
+    """The nodes reading `n`'s value past casts and reshapes, and whether a reshape was passed."""
+    out, reshaped, todo = [], False, list(n.users)
+    while todo:
+        u = todo.pop()
+        if spelled(u, CAST) or (u.op == "call_function" and u.target in _RESHAPES):
+            reshaped |= u.target in _RESHAPES
+            todo.extend(u.users)
         else:
             out.append(u)
-    return out
+    return out, reshaped
+
+
+def _reshaped_scores(softmax: fx.Node) -> bool:
+    """Whether the softmax's input was reshaped after its last matmul (a few ops back)."""
+    x = softmax.args[0]
+    for _ in range(6):
+        if not isinstance(x, fx.Node) or x.op != "call_function" or spelled(x, MATMUL):
+            return False
+        if x.target in _RESHAPES:
+            return True
+        x = x.args[0]
+    return False
 
 
 def _rms_norm_fusion(ctx: PassContext) -> list[Rewrite]:

@@ -2,7 +2,7 @@
 
 `softmax(q @ kᵀ · scale + mask) @ v`, in its many spellings (matmul, bmm, baddbmm with
 an additive bias; scale by mul or div, a constant or a tensor; additive, masked_fill or
-where masks; softmax upcast to fp32 and cast back), becomes
+where masks, or a position bias and then a mask added (T5); softmax upcast to fp32 and cast back), becomes
 `aten.scaled_dot_product_attention(q, k, v, attn_mask, scale=...)`. Approximate passes
 rewrite only that node. Grouped-query attention whose K/V heads were repeated with
 expand+reshape is folded into `enable_gqa=True`.
@@ -43,6 +43,8 @@ def _attention(q, kt, v, scale, mask, fill, bias, *, mm: str, scale_op: str, mas
         s = s + mask
     elif mask_op == "radd":
         s = mask + s
+    elif mask_op == "add_bias_add":  # a position bias, then the mask (T5: scores + bias + mask)
+        s = s + bias + mask
     elif mask_op == "fill":
         s = s.masked_fill(mask, float("-inf"))
     elif mask_op == "where":
@@ -78,7 +80,7 @@ def _needs(v: dict) -> set[str]:
     if v["mm"] == "baddbmm":
         ops.add("baddbmm")
     ops |= {"mul": {"mul"}, "rmul": {"mul"}, "div": {"div"}, "none": set()}[v["scale_op"]]
-    ops |= {"add": {"add"}, "radd": {"add"}, "fill": {"masked_fill"}, "where": {"where"},
+    ops |= {"add": {"add"}, "radd": {"add"}, "add_bias_add": {"add"}, "fill": {"masked_fill"}, "where": {"where"},
             "where_scalar": {"where"}, "none": set()}[v["mask_op"]]
     if v["softmax_cast"] != "none":
         ops.add("to")
@@ -89,7 +91,7 @@ def _variants() -> dict[str, list]:
     return {
         "mm": ["matmul", "bmm", "baddbmm"],
         "scale_op": ["none", "mul", "rmul", "div"],
-        "mask_op": ["none", "add", "radd", "fill", "where", "where_scalar"],
+        "mask_op": ["none", "add", "radd", "add_bias_add", "fill", "where", "where_scalar"],
         "softmax_cast": ["none", "cast_in", "cast_out"],
     }
 
@@ -150,10 +152,10 @@ def _check(m: Match) -> str | None:
         ba = args_of(bm)
         if ba.get("beta", 1) != 1 or ba.get("alpha", 1) != 1:
             return "baddbmm with alpha/beta ≠ 1"
-    if m.variant["mm"] == "baddbmm":
+    if m.variant["mm"] == "baddbmm" or m.variant["mask_op"] == "add_bias_add":
         bv = val(m.inputs["bias"])
         if not (isinstance(bv, torch.Tensor) and bv.is_floating_point()):
-            return "baddbmm's input is not a floating-point bias"
+            return "the bias added to the scores is not a floating-point tensor"
     mask_op = m.variant["mask_op"]
     if mask_op != "none":
         mv = val(m.inputs["mask"])
@@ -214,8 +216,10 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
             bias = call(g, aten.div.Tensor if op == "div" else aten.mul.Tensor, (bias, m.inputs["scale"]), like=m.output)
     mask = None
     mask_op = m.variant["mask_op"]
-    if mask_op in ("add", "radd"):
+    if mask_op in ("add", "radd", "add_bias_add"):
         mask = m.inputs["mask"]
+        if mask_op == "add_bias_add":  # s + b + m = s + (b + m), up to rounding (verification decides)
+            mask = call(g, aten.add.Tensor, (m.inputs["bias"], mask), like=m.output)
         if val(mask).dtype != dtype:
             mask = call(g, aten.to.dtype, (mask, dtype), like=m.output)
     elif mask_op == "fill":

@@ -165,7 +165,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(self.d, self.d)
         self.kv_proj = nn.Linear(self.d, 2 * self.kv * self.dh)
         self.o = nn.Linear(self.d, self.d)
-        if layer.attn in ("baddbmm_bias", "einsum_free_permute"):
+        if layer.attn in ("baddbmm_bias", "einsum_free_permute", "bias_then_mask"):
             self.rel_bias = nn.Parameter(torch.randn(self.h, spec.tokens, spec.tokens) * 0.1)
         if spec.rope:  # GPT-NeoX style rotate-half on the first (even) part of each head
             d = self.dh - self.dh % 2
@@ -275,6 +275,8 @@ class Attention(nn.Module):
         elif s == "tensor_scale":
             w = q @ k.transpose(-1, -2)
             w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)
+        elif s == "bias_then_mask":  # T5: unscaled scores plus a position bias, the mask added after
+            w = q @ k.transpose(-1, -2) + self.rel_bias[:, :T, :T].to(q.dtype)
         else:  # additive_mask, where_mask: matmul, scale by mul
             w = q @ k.transpose(-2, -1) * Dh ** -0.5
         if keep is not None:

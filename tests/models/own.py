@@ -188,7 +188,7 @@ class AttentionStyles(nn.Module):
     """
 
     STYLES = ("matmul_mul", "div_sqrt", "bmm_3d", "baddbmm_bias", "upcast_fp32", "additive_mask",
-              "where_mask", "einsum_free_permute", "pre_scaled_qk", "tensor_scale")
+              "where_mask", "einsum_free_permute", "pre_scaled_qk", "tensor_scale", "bias_then_mask")
 
     def __init__(self, style: str, d=32, h=4, T=10):
         super().__init__()
@@ -240,6 +240,9 @@ class AttentionStyles(nn.Module):
         elif s == "pre_scaled_qk":
             c = Dh ** -0.25
             y = torch.softmax((q * c) @ (k * c).transpose(-2, -1), -1) @ v
+        elif s == "bias_then_mask":  # T5: unscaled scores, a position bias, then the additive mask
+            mask = torch.zeros(T, T).masked_fill(~self.causal[:T, :T], torch.finfo(x.dtype).min)
+            y = torch.softmax((q @ k.transpose(-1, -2)).float() + self.rel_bias[:, :T, :T] + mask, -1).type_as(q) @ v
         else:  # tensor_scale: GPT-2 style division by a 0-d tensor
             w = q @ k.transpose(-1, -2)
             w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)

@@ -79,3 +79,22 @@ def test_failed_site_check_is_rolled_back(monkeypatch):
     assert site.status == "rolled_back" and "differs" in site.reason
     assert count(opt.graph_module, SDPA) == 0
     assert_close(*run_both(model, opt, x), tol=0.0)
+
+
+class ReshapedScores(nn.Module):
+    """DeBERTa's layout: scores on [B·H, L, L], viewed to [B, H, L, L] for the mask and softmax, back for PV."""
+
+    def forward(self, q3, k3, v3, keep):
+        s = torch.bmm(q3, k3.transpose(1, 2)) * 0.5
+        s = s.view(-1, 2, 5, 5).masked_fill(~keep, torch.finfo(s.dtype).min)
+        return torch.bmm(torch.softmax(s, -1).view(-1, 5, 5), v3)
+
+
+def test_reshaped_scores_are_reported_with_their_reason():
+    q = torch.randn(4, 5, 8)
+    keep = torch.rand(2, 1, 5, 5) > 0.3
+    model, x = ReshapedScores(), (q, q.clone(), q.clone(), keep)
+    opt = rewriter.optimize(model, x)
+    [site] = opt.report.select(kind="attention")
+    assert site.status == "refused" and "reshaped" in site.reason
+    assert_close(*run_both(model, opt, x))
