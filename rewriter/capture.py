@@ -7,6 +7,7 @@ symbolic_trace fallback gives torch-level graphs for modules export cannot take.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import traceback
 from dataclasses import dataclass, field
@@ -99,17 +100,23 @@ def dynamic_shapes(model, args: tuple, kwargs: dict, dims: int = 2):
     where the model allows, static elsewhere. Keyed by the forward's parameter names.
     """
     auto = torch.export.Dim.AUTO
+    nodes = torch.utils._pytree.SUPPORTED_NODES
 
     def spec(x):
-        if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return {d: auto for d in range(min(x.dim(), dims))}
+        if isinstance(x, torch.Tensor):
+            return {d: auto for d in range(min(x.dim(), dims))} if x.dim() >= 1 else None
+        if type(x) in (list, tuple):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+            return type(x)(*(spec(v) for v in x))
+        if type(x) in (dict, collections.OrderedDict):
+            return type(x)((k, spec(v)) for k, v in x.items())
+        if type(x) in nodes:  # a ModelOutput, a registered class: export wants its children's specs as a list
+            return [spec(c) for c in nodes[type(x)].flatten_fn(x)[0]]
         return None
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {
-        name: torch.utils._pytree.tree_map(spec, value, is_leaf=lambda t: isinstance(t, torch.Tensor))
-        for name, value in bound.arguments.items()
-    }
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def _user_frame(exc: BaseException) -> str:

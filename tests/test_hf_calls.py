@@ -82,3 +82,17 @@ def test_the_saved_program_takes_only_the_users_inputs(lm, exact, tmp_path):
     torch.export.save(ep, tmp_path / "lm.pt2")
     with torch.no_grad():
         assert_close(torch.export.load(tmp_path / "lm.pt2").module()(ids).logits, exact.reference(ids).logits)
+
+
+@pytest.mark.parametrize("build", [hf.t5, hf.bart_generation], ids=["t5", "bart"])
+def test_encoder_decoder_generate_gives_the_original_tokens(build):
+    """generate() on an encoder-decoder calls the encoder, then the whole model with
+    encoder_outputs (a ModelOutput) and a growing decoder_input_ids: captured with those
+    dims dynamic, so decoding does not capture again at every step."""
+    model, x = build()
+    ids, mask = x[0], (x[1] if len(x) > 1 else torch.ones_like(x[0]))
+    opt = rewriter.optimize(model, x)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got, want = opt.generate(ids, **kw), model.generate(ids, **kw)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert len(opt._entries) <= 3, [e.captured.notes for e in opt._entries.values()]

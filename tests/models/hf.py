@@ -241,13 +241,25 @@ def t5(attn_implementation: str = "eager"):
 
 def bart(attn_implementation: str = "eager"):
     """BartModel(input_ids): the decoder reads input_ids shifted right."""
-    from transformers import BartConfig, BartModel
+    from transformers import BartModel
+
+    return _finish(BartModel(_bart_config(attn_implementation)), _input_ids())
+
+
+def bart_generation(attn_implementation: str = "eager"):
+    """BartForConditionalGeneration(input_ids), for generate()."""
+    from transformers import BartForConditionalGeneration
+
+    return _finish(BartForConditionalGeneration(_bart_config(attn_implementation)), _input_ids())
+
+
+def _bart_config(attn_implementation: str):
+    from transformers import BartConfig
 
     _seed()
-    cfg = BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                     encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
-                     decoder_ffn_dim=FFN, max_position_embeddings=POSITIONS, attn_implementation=attn_implementation)
-    return _finish(BartModel(cfg), _input_ids())
+    return BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                      encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
+                      decoder_ffn_dim=FFN, max_position_embeddings=POSITIONS, attn_implementation=attn_implementation)
 
 
 # --- decoder LMs --------------------------------------------------------------------------
