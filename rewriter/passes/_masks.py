@@ -46,6 +46,27 @@ def _reads_inputs(node: fx.Node) -> bool:
     return False
 
 
+def _learned_from(node: fx.Node) -> str | None:
+    """The name of a trainable parameter the tensor is computed from, if any (a position
+    bias table: zero at initialisation in e.g. Swin, so its example value cannot tell)."""
+    gm = node.graph.owning_module
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            try:
+                t = gm.get_parameter(n.target)
+            except AttributeError:
+                continue
+            if t.requires_grad:
+                return n.target
+        stack.extend(n.all_input_nodes)
+    return None
+
+
 def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
     """Classify the mask of an SDPA node from its example value; a reason where it cannot be carried."""
     a = args_of(sdpa)
@@ -59,6 +80,10 @@ def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
         return MaskPlan(causal=bool(a.get("is_causal")))
     if a.get("is_causal"):
         return MaskPlan(reason="both a mask and is_causal")
+    learned = _learned_from(mask) if isinstance(mask, fx.Node) else None
+    if learned:
+        return MaskPlan(reason=f"the mask is a learned bias (computed from the parameter {learned}, e.g. a relative "
+                               "position bias table), not a padding or causal mask")
     m = mask_value
     if m is None:
         return MaskPlan(reason="the mask's value could not be read on the example inputs")
@@ -80,9 +105,22 @@ def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
     if causal:
         want = want & torch.ones(qn, kn, dtype=torch.bool).tril()
     if not torch.equal(m[rows], want[rows]):
+        band = _causal_band(m) if qn == kn else None
+        if band:
+            return MaskPlan(reason=f"the mask is a causal band of {band} keys (a sliding window, as Mistral's "
+                                   "sliding_window sets), not plain causal or key padding: a form would drop the band")
         return MaskPlan(reason="the mask is neither causal nor a key-padding mask (e.g. a block or local pattern)")
     carry = not bool(pad.all()) or _reads_inputs(mask)
     return MaskPlan(causal=causal, carry=carry)
+
+
+def _causal_band(m: torch.Tensor) -> int | None:
+    """w when the [B, N, N] mask lets each query see exactly itself and the w - 1 keys before."""
+    n = m.shape[-1]
+    w = int(m.sum(-1).max())
+    i = torch.arange(n)
+    d = i[:, None] - i[None, :]
+    return w if w < n and torch.equal(m, ((d >= 0) & (d < w)).expand_as(m)) else None
 
 
 def key_mask_node(g: fx.Graph, sdpa: fx.Node) -> fx.Node:

@@ -35,7 +35,7 @@ def _learned_map(gm, s, x, role: str, kind: str):
 
 def _build(gm, s, p):
     if s.causal:
-        return None, "agent attention is non-causal; this site is causal (use linear or sliding_window)", {}
+        return None, "causal attention: agent attention is non-causal only (use linear or sliding_window)", {}
     n = int(p["num_agents"])
     if n < 1:
         raise ValueError(f"num_agents must be >= 1, not {n}")

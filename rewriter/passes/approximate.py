@@ -190,6 +190,10 @@ def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True)
                                "action": site.action, "layer": index}
         node.replace_all_uses_with(new)
         done.append(Rewrite(site, node, new))
+    for unread in [s for s in ctx.report.sites if s.kind == "attention" and s.pass_name == "canonical_attention"
+                   and s.status != "applied"]:  # no canonical node: this pass cannot see the site either
+        ctx.report.add(Site(unread.location, "attention", f.action, pass_name=f"approximate:{name}", node=unread.node)
+                       .refuse(f"not canonicalised, so not rewritten: {unread.reason}"))
     gm.graph.lint()
     gm.recompile()
     if measure:

@@ -36,7 +36,7 @@ def _sliding(gm, s, p):
 
 def _grid_site(gm, s, p, form):
     if s.causal:
-        return None, None, f"{form} attention is for non-causal (vision) attention; this site is causal"
+        return None, None, f"causal attention: {form} attention is non-causal only (vision)"
     if not s.same_tokens:
         return None, None, "cross-attention (queries and keys differ): 2-D local attention needs self-attention"
     grid, prefix, reason = infer_grid(gm.graph, s.n_tokens, p["grid"], p["prefix"])

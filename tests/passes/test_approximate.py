@@ -141,8 +141,24 @@ def test_refusals_say_why(name, form, options, reason):
     assert_close(*run_both(model, opt, x))  # nothing changed
 
 
-def test_position_bias_mask_is_refused():
-    model, x = own.attention_style("einsum_free_permute")  # softmax(q kᵀ + relative bias)
+@pytest.mark.parametrize("init", ["random", "zeros"])
+def test_learned_position_bias_is_refused_whatever_its_value(init):
+    """softmax(q kᵀ + relative bias): refused though the table is zero (Swin initialises it so),
+    since the bias is read from a parameter that training or load_state_dict changes."""
+    model, x = own.attention_style("einsum_free_permute")
+    if init == "zeros":
+        torch.nn.init.zeros_(model.rel_bias)
+    opt = rewriter.optimize(model, x, attention="linear")
+    [site] = opt.report.select(pass_name="approximate:linear")
+    assert site.status == "refused" and "learned bias" in site.reason and "rel_bias" in site.reason
+    assert_close(*run_both(model, opt, x))
+
+
+def test_constant_additive_bias_is_refused():
+    model, x = own.attention_style("einsum_free_permute")
+    bias = model.rel_bias.detach().clone()
+    del model.rel_bias
+    model.register_buffer("rel_bias", bias)  # a fixed bias (ALiBi-like): no parameter behind it
     opt = rewriter.optimize(model, x, attention="linear")
     [site] = opt.report.select(pass_name="approximate:linear")
     assert site.status == "refused" and "additive bias" in site.reason
@@ -188,3 +204,22 @@ def test_causal_lms_take_linear_attention_and_reexport(name):
     ep = opt.export(*x)
     with torch.no_grad():
         assert_close(ep.module()(*x), opt(*x), tol=1e-6)
+
+
+class BandAttention(torch.nn.Module):
+    """Causal attention limited to the last 3 keys, as a boolean mask (Mistral's sliding_window)."""
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])
+        d = i[:, None] - i[None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(d >= 0) & (d < 3))
+
+
+@pytest.mark.parametrize("form", ["linear", "sliding_window"])
+def test_causal_band_mask_is_named_in_the_refusal(form):
+    q = torch.randn(2, 2, 8, 4)
+    model, x = BandAttention(), (q, q.clone(), q.clone())
+    opt = rewriter.optimize(model, x, attention=form)
+    [site] = opt.report.select(pass_name=f"approximate:{form}")
+    assert site.status == "refused" and "causal band of 3 keys" in site.reason
+    assert_close(*run_both(model, opt, x))

@@ -98,3 +98,11 @@ def test_reshaped_scores_are_reported_with_their_reason():
     [site] = opt.report.select(kind="attention")
     assert site.status == "refused" and "reshaped" in site.reason
     assert_close(*run_both(model, opt, x))
+
+
+def test_approximate_modes_report_the_sites_no_pattern_read():
+    q = torch.randn(4, 5, 8)
+    model, x = ReshapedScores(), (q, q.clone(), q.clone(), torch.rand(2, 1, 5, 5) > 0.3)
+    opt = rewriter.optimize(model, x, attention="linear")
+    [site] = opt.report.select(pass_name="approximate:linear")
+    assert site.status == "refused" and "not canonicalised" in site.reason and "reshaped" in site.reason
