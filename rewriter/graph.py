@@ -18,13 +18,26 @@ aten = torch.ops.aten
 
 __all__ = [
     "val", "module_path", "call", "same_size", "param", "set_param", "add_param",
-    "strip_export_plumbing", "spell_out_arguments", "normalise_torch_spellings", "spelled", "SOFTMAX", "MATMUL", "CAST", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets",
+    "strip_export_plumbing", "spell_out_arguments", "normalise_torch_spellings", "spelled", "SOFTMAX", "MATMUL", "CAST", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets", "ancestors",
 ]
 
 
 def val(node: Any) -> Any:
     """The example value (a fake tensor) of a node, or the literal itself."""
     return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def ancestors(nodes: Iterable[fx.Node], follow: Callable[[fx.Node], bool] | None = None) -> Iterable[fx.Node]:
+    """Yield `nodes` and every node they are computed from, each once (with `follow`, only
+    through inputs it accepts), so callers can stop at the first one they look for."""
+    seen, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        yield n
+        stack.extend(a for a in n.all_input_nodes if follow is None or follow(a))
 
 
 def module_path(node: fx.Node) -> str:

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from .graph import ancestors
+
 __all__ = ["flat_inputs", "record"]
 
 
@@ -28,7 +30,7 @@ def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node], ancest
     """Run the graph once and keep the values of `nodes` (every node runs, used or not;
     with `ancestors_only`, only what `nodes` are computed from)."""
     wanted = set(nodes)
-    needed = _ancestors(wanted) if ancestors_only else None
+    needed = set(ancestors(wanted)) if ancestors_only else None
     values: dict[fx.Node, Any] = {}
 
     class _Recorder(fx.Interpreter):
@@ -44,12 +46,3 @@ def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node], ancest
         _Recorder(gm, garbage_collect_values=True).run(*flat_args, enable_io_processing=False)
     return values
 
-
-def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..graph import call, val
+from ..graph import ancestors, call, val
 from ._args import args_of
 
 aten = torch.ops.aten
@@ -34,28 +34,14 @@ class MaskPlan:
 
 def _reads_inputs(node: fx.Node) -> bool:
     """Whether a tensor depends on a graph input's values (not only on shapes)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        stack.extend(a for a in n.all_input_nodes if isinstance(val(a), torch.Tensor))
-    return False
+    return any(n.op == "placeholder" for n in ancestors([node], follow=lambda a: isinstance(val(a), torch.Tensor)))
 
 
 def _learned_from(node: fx.Node) -> str | None:
     """The name of a trainable parameter the tensor is computed from, if any (a position
     bias table: zero at initialisation in e.g. Swin, so its example value cannot tell)."""
     gm = node.graph.owning_module
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    for n in ancestors([node]):
         if n.op == "get_attr":
             try:
                 t = gm.get_parameter(n.target)
@@ -63,7 +49,6 @@ def _learned_from(node: fx.Node) -> str | None:
                 continue
             if t.requires_grad:
                 return n.target
-        stack.extend(n.all_input_nodes)
     return None
 
 
