@@ -124,3 +124,31 @@ def test_training_graph_keeps_layer_norms_and_gradients_flow(monkeypatch):
     for p, q in zip(model.parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, tol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("build", [hf.bert_with_mask, hf.vit], ids=["bert", "vit"])
+def test_hf_multi_field_output_comes_back_whole(build, monkeypatch):
+    """A BaseModelOutputWithPooling through the backend: same type, every field (the pooler
+    included) compared. Inductor is replaced by the graph's own forward: what is under
+    test is the rewrite of a dynamo graph whose outputs are several tensors."""
+    compiled_graphs = []
+
+    def fake_inductor(gm, inputs, mode, patches):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(backend, "_inductor", fake_inductor)
+    torch._dynamo.reset()
+    model, x = build()
+    kwargs = {"attention_mask": x[1]} if len(x) > 1 else {}  # as users call BERT: the mask by keyword
+    compiled = torch.compile(model, backend="rewriter")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", backend.RewriteBackendWarning)  # no fallback
+        got, want = compiled(x[0], **kwargs), model(x[0], **kwargs)
+    assert type(got) is type(want) and got.pooler_output is not None
+    assert list(got.keys()) == list(want.keys())
+    assert_close(got, want)
+    r = backend.last_report
+    assert r.count("attention", "applied") >= 2 and r.verification["output"]["ok"]
+    assert sum(count(gm, SDPA) for gm in compiled_graphs) >= 2
+    torch._dynamo.reset()
