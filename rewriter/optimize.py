@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from .capture import Captured, capture, export_program, run_example
 from .graph import (common_subexpressions, dead_code_elimination, remove_identities, normalise_torch_spellings, spell_out_arguments,
                     strip_export_plumbing)
+from .respell import respell_einsum, respell_softmax
 from .hf_calls import generate as hf_generate, prepare_call
 from .passes import PassContext, Rewrite, exact_passes
 from .report import APPLIED, ROLLED_BACK, RewriteReport
@@ -77,8 +78,11 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
         normalise_torch_spellings(gm.graph)
     remove_identities(gm.graph)
     common_subexpressions(gm.graph)
+    respelt = {"hand-written softmax": respell_softmax(gm.graph) if cap.method == "export" else 0}
+    respelt["einsum"] = respell_einsum(gm.graph, cap.method)  # after: an einsum is respelt when next to a softmax
     dead_code_elimination(gm)  # dead reads (e.g. unused attention weights) would hide sites
-    report = RewriteReport(capture={"method": cap.method, "dynamic_dims": cap.dynamic_dims, "notes": cap.notes})
+    report = RewriteReport(capture={"method": cap.method, "dynamic_dims": cap.dynamic_dims, "notes": cap.notes,
+                                    "respelt": {k: v for k, v in respelt.items() if v}})
     args, kwargs = cap.example_args, cap.example_kwargs
     flat = flat_inputs(gm, args, kwargs)
     expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit

@@ -53,3 +53,23 @@ def rewrite_zip(src: Path, dst: Path, edit) -> Path:
         for info in zin.infolist():
             zout.writestr(info, edit(info.filename, zin.read(info.filename)))
     return dst
+
+
+def assert_every_softmax_reported(model, inputs, report) -> None:
+    """The softmaxes of the model's captured graph (captured again here, independently of the
+    report; those written by hand counted from the report's respelling) equal the report rows
+    that account for one: attention sites the canonical pass applied or refused, and
+    softmaxes reported as not attention."""
+    import rewriter
+    from rewriter.graph import SOFTMAX, dead_code_elimination, spelled
+    from rewriter.hf_calls import prepare_call
+
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    kwargs, fixed, _ = prepare_call(model, args, {})  # as the optimised module captures it (KV cache off)
+    cap = rewriter.capture(model, args, kwargs, fixed_kwargs=fixed)
+    dead_code_elimination(cap.module)
+    found = sum(1 for n in cap.module.graph.nodes if spelled(n, SOFTMAX))
+    found += report.capture.get("respelt", {}).get("hand-written softmax", 0)
+    rows = [s for s in report.sites if s.pass_name == "canonical_attention" and s.kind in ("attention", "softmax")
+            and s.reason != "already scaled_dot_product_attention"]
+    assert len(rows) == found, f"{found} softmaxes in the graph, {len(rows)} report rows: {[(s.location, s.reason) for s in rows]}"

@@ -56,7 +56,8 @@ def test_symbolic_trace_fallback_still_rewrites():
 # symbolic_trace graphs keep the model's own spellings (F.softmax(..., _stacklevel=3),
 # x.softmax(-1), torch.matmul, x.bmm) and scale by run-time numbers (math.sqrt(x.shape[-1]));
 # the fallback normalises the spellings so the attention patterns see them
-TRACEABLE_STYLES = ["matmul_mul", "div_sqrt", "bmm_3d", "baddbmm_bias", "einsum_free_permute", "pre_scaled_qk"]
+TRACEABLE_STYLES = ["matmul_mul", "div_sqrt", "bmm_3d", "baddbmm_bias", "einsum_free_permute", "pre_scaled_qk",
+                    "einsum", "einsum_heads_in_subscript", "einsum_3d"]
 
 
 @pytest.mark.parametrize("style", TRACEABLE_STYLES)

@@ -19,6 +19,7 @@ import torch
 import rewriter
 from rewriter.compare import compare_outputs
 from rewriter.export import ExportError
+from tests.helpers import assert_every_softmax_reported
 from tests.models import hf
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -65,6 +66,7 @@ def exact_and_onnx(name: str) -> dict[str, str]:
     assert result["ok"] and "nonfinite" not in result, result
     attention = _attention_sites(opt.report, "canonical_attention")
     assert attention, "no attention site reported"
+    assert_every_softmax_reported(model, x, opt.report)
     assert all(s.reason for s in attention if s.status != "applied")
     norms = [s for s in opt.report.sites if s.kind in ("layer_norm", "rms_norm")]
     cell = _sites_cell(attention) + (f", norms {sum(s.status == 'applied' for s in norms)}/{len(norms)}" if norms else "")

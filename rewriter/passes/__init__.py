@@ -56,19 +56,24 @@ def _gqa_fold(ctx: PassContext) -> list[Rewrite]:
 
 
 def _report_unmatched_softmax(ctx: PassContext) -> None:
-    """A softmax feeding a matmul that no pattern took is an attention we could not read.
+    """Every softmax no pattern took gets a row: an attention we could not read, with why,
+    or a softmax that is not attention (its probabilities are not contracted with values).
 
     ATen spellings (torch.export graphs) and torch-level ones (symbolic_trace graphs, where
     `F.softmax(..., _stacklevel=3)`, `Tensor.softmax` and `torch.matmul` stay as written and
     the attention patterns often miss them): either way the site is reported, never skipped."""
     seen = {s.node for s in ctx.report.sites}
     for n in ctx.gm.graph.nodes:
-        if n in ctx.claimed or not spelled(n, SOFTMAX):
+        if n in ctx.claimed or not spelled(n, SOFTMAX) or not n.users:
             continue
         readers, reshaped = _readers(n)
         if any(u.name in seen for u in readers):
             continue  # a pattern matched this site and its check refused it, with a reason
-        if any(spelled(u, MATMUL) for u in readers):
+        einsum = next((u for u in [*readers, *_score_producers(n)] if "not_respelt" in u.meta), None)
+        kind = "attention"
+        if einsum is not None:
+            why = f"softmax attention through an einsum left as written: {einsum.meta['not_respelt']}"
+        elif any(spelled(u, MATMUL) for u in readers):
             if ctx.method != "export":
                 why = ("softmax attention in a symbolic_trace graph, spelled in a form no pattern covers; left as written "
                        "(a model torch.export can capture is matched on its ATen graph)")
@@ -77,8 +82,10 @@ def _report_unmatched_softmax(ctx: PassContext) -> None:
                        "[batch·heads, L, L] ↔ [batch, heads, L, L] views); no pattern covers it, left as written")
             else:
                 why = "softmax attention in a form no pattern covers (e.g. its probabilities are also read elsewhere)"
-            ctx.report.add(Site(module_path(n), "attention", "sdpa", pass_name="canonical_attention", node=n.name)
-                           .refuse(why))
+        else:
+            kind, why = "softmax", ("not attention: its probabilities are not contracted with values by a matmul "
+                                    "(a classifier's output, a gate or a router); left as written")
+        ctx.report.add(Site(module_path(n), kind, "sdpa", pass_name="canonical_attention", node=n.name).refuse(why))
 
 
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
@@ -96,6 +103,17 @@ def _readers(n: fx.Node) -> tuple[list[fx.Node], bool]:
         else:
             out.append(u)
     return out, reshaped
+
+
+def _score_producers(softmax: fx.Node, steps: int = 6) -> list[fx.Node]:
+    """The nodes a softmax's input comes from, following first arguments a few ops back."""
+    out, x = [], softmax.args[0]
+    for _ in range(steps):
+        if not isinstance(x, fx.Node) or x.op != "call_function" or not x.args:
+            break
+        out.append(x)
+        x = x.args[0]
+    return out
 
 
 def _reshaped_scores(softmax: fx.Node) -> bool:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 
 from .. import kernels  # noqa: F401  (registers torch.ops.rewriter)
-from ..graph import call
+from ..graph import call, val
 from ._layout import infer_grid
 from .approximate import Form
 
 ops = torch.ops.rewriter
+aten = torch.ops.aten
 
 
 def _pair(x, name):
@@ -21,16 +22,46 @@ def _pair(x, name):
     return pair
 
 
+def _front(x) -> tuple | None:
+    """(prefix, rest) when `x` is `cat([prefix, rest], dim=-2)`."""
+    if not (x.op == "call_function" and x.target == aten.cat.default and len(x.args[0]) == 2):
+        return None
+    dim = x.args[1] if len(x.args) > 1 else 0
+    return tuple(x.args[0]) if dim in (-2, val(x).dim() - 2) else None
+
+
+def _prepended_sinks(s) -> int | None:
+    """How many tokens are concatenated in front of both K and V (learned sink tokens, as
+    StreamingLLM and gpt-oss add them), when what follows them are the queries' positions."""
+    k, v = _front(s.k), _front(s.v)
+    if k is None or v is None:
+        return None
+    n = val(k[0]).shape[-2]
+    if not isinstance(n, int) or val(v[0]).shape[-2] != n or str(val(k[1]).shape[-2]) != str(s.n_tokens):
+        return None
+    return n
+
+
 def _sliding(gm, s, p):
-    if not s.same_tokens:
-        return None, "cross-attention (queries and keys differ): a sliding window needs self-attention", {}
     window, dilation, sinks = int(p["window"]), int(p["dilation"]), int(p["sinks"])
     if window < 1 or dilation < 1 or sinks < 0:
         raise ValueError(f"window and dilation must be >= 1 and sinks >= 0 (got {window}, {dilation}, {sinks})")
+    q, prepended = s.q, 0
+    if not s.same_tokens:
+        prepended = _prepended_sinks(s)
+        if prepended is None:
+            return None, "cross-attention (queries and keys differ): a sliding window needs self-attention", {}
+        # the concatenated tokens become the op's first sinks; a zero query stands at each of their positions
+        q = call(gm.graph, aten.constant_pad_nd.default, (s.q, [0, 0, prepended, 0]), like=s.node)
     global_sinks = bool(p["global_sinks"]) and not s.causal
     used = {"window": window, "dilation": dilation, "sinks": sinks, "global_sinks": global_sinks, "scale": s.scale}
+    if prepended:
+        used["prepended_sinks"] = prepended
     node = call(gm.graph, ops.sliding_window_attention.default,
-                (s.q, s.k, s.v, s.key_mask, window, s.causal, dilation, sinks, global_sinks, s.scale), like=s.node)
+                (q, s.k, s.v, s.key_mask, window, s.causal, dilation, prepended + sinks, global_sinks, s.scale),
+                like=s.node)
+    if prepended:
+        node = call(gm.graph, aten.slice.Tensor, (node, 2, prepended, 2**62), like=s.node)
     return node, None, used
 
 

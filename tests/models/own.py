@@ -188,7 +188,10 @@ class AttentionStyles(nn.Module):
     """
 
     STYLES = ("matmul_mul", "div_sqrt", "bmm_3d", "baddbmm_bias", "upcast_fp32", "additive_mask",
-              "where_mask", "einsum_free_permute", "pre_scaled_qk", "tensor_scale", "bias_then_mask")
+              "where_mask", "einsum_free_permute", "pre_scaled_qk", "tensor_scale", "bias_then_mask",
+              # third-party spellings: einsum (vit-pytorch, x-transformers, timm), softmax by hand, sink tokens
+              "einsum", "einsum_heads_in_subscript", "einsum_keys_transposed", "einsum_ellipsis", "einsum_3d",
+              "hand_softmax", "hand_softmax_no_max", "hand_softmax_max_detached", "sinks_concat")
 
     def __init__(self, style: str, d=32, h=4, T=10):
         super().__init__()
@@ -199,6 +202,7 @@ class AttentionStyles(nn.Module):
         self.out = nn.Linear(d, d)
         self.rel_bias = nn.Parameter(torch.randn(h, T, T) * 0.1)
         self.register_buffer("causal", torch.tril(torch.ones(T, T, dtype=torch.bool)))
+        self.sink_kv = nn.Parameter(torch.randn(2, h, 2, d // h))  # two learned sink tokens per head (StreamingLLM)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -243,6 +247,34 @@ class AttentionStyles(nn.Module):
         elif s == "bias_then_mask":  # T5: unscaled scores, a position bias, then the additive mask
             mask = torch.zeros(T, T).masked_fill(~self.causal[:T, :T], torch.finfo(x.dtype).min)
             y = torch.softmax((q @ k.transpose(-1, -2)).float() + self.rel_bias[:, :T, :T] + mask, -1).type_as(q) @ v
+        elif s == "einsum":  # vit-pytorch / x-transformers
+            y = torch.einsum("b h i j, b h j d -> b h i d", (torch.einsum("b h i d, b h j d -> b h i j", q, k) * Dh ** -0.5)
+                             .softmax(dim=-1), v)
+        elif s == "einsum_heads_in_subscript":  # heads split in the subscripts, [B, T, H, Dh] layout
+            qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+            w = torch.einsum("bnhd,bmhd->bhnm", qs, ks) / math.sqrt(Dh)
+            y = torch.einsum("bhnm,bmhd->bnhd", w.softmax(-1), vs).transpose(1, 2)
+        elif s == "einsum_keys_transposed":  # kᵀ made before the einsum
+            y = torch.einsum("bhij,bhjd->bhid", torch.softmax(torch.einsum("bhid,bhdj->bhij", q, k.transpose(-1, -2))
+                                                              * Dh ** -0.5, -1), v)
+        elif s == "einsum_ellipsis":
+            y = torch.einsum("...ij,...jd->...id", torch.einsum("...id,...jd->...ij", q * Dh ** -0.5, k).softmax(-1), v)
+        elif s == "einsum_3d":  # heads merged into the batch
+            q3, k3, v3 = (t.reshape(B * H, T, Dh) for t in (q, k, v))
+            y = torch.einsum("bij,bjd->bid", F.softmax(torch.einsum("bid,bjd->bij", q3, k3) * Dh ** -0.5, dim=-1), v3)
+            y = y.view(B, H, T, Dh)
+        elif s.startswith("hand_softmax"):  # exp(s - max) / sum, written out
+            w = q @ k.transpose(-1, -2) * Dh ** -0.5
+            if s == "hand_softmax":
+                w = w - w.amax(dim=-1, keepdim=True)
+            elif s == "hand_softmax_max_detached":
+                w = w - w.max(dim=-1, keepdim=True).values.detach()
+            e = torch.exp(w)
+            y = (e / e.sum(dim=-1, keepdim=True)) @ v
+        elif s == "sinks_concat":  # sink tokens concatenated in front of the keys and values
+            sk, sv = (t.expand(B, -1, -1, -1) for t in self.sink_kv)
+            k2, v2 = torch.cat([sk, k], dim=-2), torch.cat([sv, v], dim=-2)
+            y = torch.softmax(q @ k2.transpose(-1, -2) * Dh ** -0.5, -1) @ v2
         else:  # tensor_scale: GPT-2 style division by a 0-d tensor
             w = q @ k.transpose(-1, -2)
             w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)

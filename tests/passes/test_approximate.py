@@ -223,3 +223,30 @@ def test_causal_band_mask_is_named_in_the_refusal(form):
     [site] = opt.report.select(pass_name=f"approximate:{form}")
     assert site.status == "refused" and "causal band of 3 keys" in site.reason
     assert_close(*run_both(model, opt, x))
+
+
+THIRD_PARTY_SPELLINGS = ["einsum", "einsum_heads_in_subscript", "einsum_keys_transposed", "einsum_ellipsis",
+                         "einsum_3d", "hand_softmax", "hand_softmax_no_max", "sinks_concat"]
+
+
+@pytest.mark.parametrize("mode, options", [("linear", {}), ("sliding_window", {"window": 4})], ids=["linear", "window"])
+@pytest.mark.parametrize("style", THIRD_PARTY_SPELLINGS)
+def test_third_party_spellings_are_rewritten_by_approximate_modes(style, mode, options):
+    """Attention written with einsum or a softmax by hand is canonicalised first, so the
+    approximate form replaces it (with its error measured) like any other site."""
+    model, x = own.attention_style(style)
+    opt = rewriter.optimize(model, x, attention=mode, **options)
+    [site] = opt.report.select(pass_name=f"approximate:{mode}")
+    assert site.status == "applied", site.reason
+    assert site.error["rel_l2"] > 0 and opt.report.verification["approximate_output"]["rel_l2"] > 0
+    assert count(opt.graph_module, SDPA) == 0
+
+
+def test_sink_tokens_concatenated_onto_keys_become_the_windows_sinks():
+    """StreamingLLM-style learned sinks in front of K and V: the sliding window keeps them as
+    its sinks (so a window covering the sequence reproduces full attention)."""
+    model, x = own.attention_style("sinks_concat")
+    opt = rewriter.optimize(model, x, attention="sliding_window", window=64, sinks=0)
+    [site] = opt.report.select(pass_name="approximate:sliding_window")
+    assert site.status == "applied" and site.params["prepended_sinks"] == 2 and site.error["rel_l2"] < FULL
+    assert_close(*run_both(model, opt, x), tol=FULL)

@@ -4,7 +4,7 @@ from torch import nn
 
 import rewriter
 from rewriter.passes.attention import ATTENTION_RULES
-from tests.helpers import assert_close, count, run_both, targets
+from tests.helpers import assert_close, assert_every_softmax_reported, count, run_both, targets
 from tests.models import own
 
 aten = torch.ops.aten
@@ -20,6 +20,7 @@ def test_every_style_becomes_one_sdpa_node(style):
     assert count(gm, SDPA) == 1
     assert not any(getattr(t, "overloadpacket", None) in (aten.softmax, aten._softmax) for t in targets(gm))
     assert_close(*run_both(model, opt, x))
+    assert_every_softmax_reported(model, x, opt.report)
 
 
 def test_nanogpt_causal_attention_and_dynamic_length():
@@ -106,3 +107,65 @@ def test_approximate_modes_report_the_sites_no_pattern_read():
     opt = rewriter.optimize(model, x, attention="linear")
     [site] = opt.report.select(pass_name="approximate:linear")
     assert site.status == "refused" and "not canonicalised" in site.reason and "reshaped" in site.reason
+
+
+class LookAlike(nn.Module):
+    """Forms that look like attention but are not one the rewrite may take: each must be left
+    as written, reported with its reason, and the output unchanged."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.gate = nn.Parameter(torch.rand(2))
+
+    def forward(self, q, k, v):
+        if self.form == "einsum_three_operands":  # PV scaled per head inside the einsum
+            p = torch.softmax(q @ k.transpose(-2, -1), -1)
+            return torch.einsum("bhij,bhjd,h->bhid", p, v, self.gate)
+        if self.form == "einsum_outer":  # an outer product, no contraction: not QKᵀ
+            s = torch.einsum("bhi,bhj->bhij", q.sum(-1), k.sum(-1))
+            return torch.softmax(s, -1) @ v
+        if self.form == "softmax_classifier":  # a softmax over logits: not attention
+            return torch.softmax(q.sum(-1), -1)
+        raise ValueError(self.form)
+
+
+@pytest.mark.parametrize("form, kind, words", [
+    ("einsum_three_operands", "attention", "einsum"),
+    ("einsum_outer", "attention", "not one batched matrix product"),
+    ("softmax_classifier", "softmax", "not attention"),
+])
+def test_look_alikes_are_reported_and_left_unchanged(form, kind, words):
+    q = torch.randn(2, 2, 5, 4)
+    model, x = LookAlike(form), (q, q.clone() + 1, q.clone() - 1)
+    opt = rewriter.optimize(model, x)
+    [site] = [s for s in opt.report.sites if s.kind in ("attention", "softmax")]
+    assert (site.kind, site.status) == (kind, "refused") and words in site.reason, site.reason
+    assert count(opt.graph_module, SDPA) == 0
+    assert_close(*run_both(model, opt, x), tol=0.0)
+    assert_every_softmax_reported(model, x, opt.report)
+
+
+@pytest.mark.parametrize("equation, ranks, plan", [
+    ("bhid,bhjd->bhij", (4, 4), ([0, 1, 2, 3], [0, 1, 3, 2], [0, 1, 2, 3])),
+    ("bnhd,bmhd->bhnm", (4, 4), ([0, 2, 1, 3], [0, 2, 3, 1], [0, 1, 2, 3])),
+    ("bhnm,bmhd->bnhd", (4, 4), ([0, 1, 2, 3], [0, 2, 1, 3], [0, 2, 1, 3])),
+    ("...id,...jd->...ij", (5, 5), ([0, 1, 2, 3, 4], [0, 1, 2, 4, 3], [0, 1, 2, 3, 4])),
+    ("id,jd", (2, 2), ([0, 1], [1, 0], [0, 1])),  # implicit output: the letters used once, sorted
+])
+def test_einsum_matmul_plan(equation, ranks, plan):
+    from rewriter.respell import einsum_matmul_plan
+
+    assert einsum_matmul_plan(equation, ranks) == plan
+
+
+@pytest.mark.parametrize("equation, ranks, words", [
+    ("bhid,bhjd,h->bhij", (4, 4), "operands"),
+    ("bhid,bhje->bhij", (4, 4), "not one batched matrix product"),
+    ("bhii,bhjd->bhij", (4, 4), "repeated"),
+    ("...id,jd->...ij", (4, 2), "ellipsis"),
+])
+def test_einsum_that_is_not_a_matrix_product_is_refused(equation, ranks, words):
+    from rewriter.respell import einsum_matmul_plan
+
+    assert words in einsum_matmul_plan(equation, ranks)
