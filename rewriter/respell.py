@@ -109,8 +109,12 @@ def respell_einsum(graph: fx.Graph, method: str) -> int:
         if len(ops) != 2 or not all(isinstance(val(o), torch.Tensor) for o in ops):
             left[node] = f"einsum {eq!r} over {len(ops)} operands"
             continue
-        plan = einsum_matmul_plan(eq, (val(ops[0]).dim(), val(ops[1]).dim()))
+        ranks = (val(ops[0]).dim(), val(ops[1]).dim())
+        plan = einsum_matmul_plan(eq, ranks)
         if isinstance(plan, str):
+            if 2 in ranks and max(ranks) >= 3 and val(node).dim() == max(ranks):
+                plan = (f"einsum {eq!r} mixes heads with a matrix next to the softmax (talking-heads attention); "
+                        "canonical attention keeps heads apart")
             left[node] = plan
             continue
         pa, pb, po = plan

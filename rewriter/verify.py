@@ -28,7 +28,9 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 
 def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node], ancestors_only: bool = False) -> dict[fx.Node, Any]:
     """Run the graph once and keep the values of `nodes` (every node runs, used or not;
-    with `ancestors_only`, only what `nodes` are computed from)."""
+    with `ancestors_only`, only what `nodes` are computed from). A value is copied when it is
+    produced: an in-place op later in the graph (`x = norm(x); x += pos`) mutates the
+    rewritten node's output but not the unused original's, and must not tell them apart."""
     wanted = set(nodes)
     needed = set(ancestors(wanted)) if ancestors_only else None
     values: dict[fx.Node, Any] = {}
@@ -39,7 +41,7 @@ def record(gm: fx.GraphModule, flat_args: list, nodes: Iterable[fx.Node], ancest
                 return None
             out = super().run_node(n)
             if n in wanted:
-                values[n] = out
+                values[n] = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
             return out
 
     with torch.no_grad():  # flat in, nothing out: the outputs' pytree (a ModelOutput, say) is not rebuilt

@@ -141,7 +141,7 @@ def _pre_rmsnorm(ctx: PassContext) -> list[Rewrite]:
 
 
 def _norm_ops(ctx: PassContext) -> list[Rewrite]:
-    from .norms import NORM_OP_RULES
+    from .norms import NORM_OP_RULES, unmatched_reduction_reason
 
     done = apply_rules(NORM_OP_RULES, ctx.gm, ctx.method, ctx.report, "norm_ops", ctx.claimed)
     seen = {s.node for s in ctx.report.sites}
@@ -153,7 +153,24 @@ def _norm_ops(ctx: PassContext) -> list[Rewrite]:
                                 "rewriter." + ("layer_norm" if "layer" in str(n.target) else "rms_norm"),
                                 pass_name="norm_ops", node=n.name).refuse(
                 f"normalises over {dims} trailing dims; rewriter norms cover the last dim only"))
+    for n in ctx.gm.graph.nodes:  # a normalisation written in a form no rule reads: reported, not skipped
+        found = unmatched_reduction_reason(n) if n.users and n not in ctx.claimed else None
+        if found and not _near_reported(n, seen):
+            kind, why = found
+            ctx.report.add(Site(module_path(n), kind, "rewriter." + kind, pass_name="norm_ops", node=n.name).refuse(why))
     return done
+
+
+def _near_reported(n: fx.Node, seen: set[str], steps: int = 5) -> bool:
+    """Whether a node a few users on already has a report row (a rule matched it and refused)."""
+    todo = [(n, 0)]
+    while todo:
+        u, d = todo.pop()
+        if u.name in seen:
+            return True
+        if d < steps:
+            todo.extend((w, d + 1) for w in u.users)
+    return False
 
 
 def exact_passes(norm: str | None = "auto") -> list[Pass]:

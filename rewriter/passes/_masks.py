@@ -29,6 +29,7 @@ _MASKED = -1e4  # additive entries at or below this are "masked"; above it must 
 class MaskPlan:
     causal: bool = False
     carry: bool = False  # a key-padding mask must be computed from the mask at run time
+    prefix: int = 0  # causal after this many keys every query sees (memory / sink tokens concatenated in front)
     reason: str | None = None
 
 
@@ -83,6 +84,10 @@ def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
     if not torch.equal(m, m[:, :1].expand_as(m)):
         return MaskPlan(reason="the mask differs between heads")
     m = m[:, 0]  # [B, Nq, Nk]
+    prefix = kn - qn
+    if qn > 1 and prefix > 0 and m[..., :prefix].all() and not _reads_inputs(mask) \
+            and torch.equal(m[..., prefix:], torch.ones(qn, qn, dtype=torch.bool).tril().expand(m.shape[0], -1, -1)):
+        return MaskPlan(causal=True, prefix=prefix)  # causal, after tokens concatenated in front of the keys
     pad = m[:, -1, :]  # [B, Nk]: the last query row sees every valid key
     rows = torch.ones(m.shape[:2], dtype=torch.bool) if qn != kn else pad  # valid query rows
     causal = qn == kn and not torch.equal(m, pad[:, None, :].expand_as(m))

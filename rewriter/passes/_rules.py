@@ -163,6 +163,7 @@ def apply_rules(
     """
     done: list[Rewrite] = []
     refused: dict[fx.Node, Site] = {}
+    refused_inner: dict[fx.Node, set[fx.Node]] = {}  # a refused match's nodes: one row per site, not per variant
     site_of = {} if site_of is None else site_of  # node -> the site it stands for, for rules that extend one
     claimed = set() if claimed is None else claimed
     for rule in rules:
@@ -181,8 +182,10 @@ def apply_rules(
                 site = extended or Site(module_path(out), rule.kind, rule.action, pass_name=pass_name, node=out.name)
                 reason = rule.check(m)
                 if reason:
-                    if extended is None:
+                    # a smaller variant inside a refused larger one: the larger one's row stands for the site
+                    if extended is None and not any(out in nodes for nodes in refused_inner.values()):
                         refused[out] = site.refuse(reason)
+                        refused_inner[out] = inner
                     continue
                 with gm.graph.inserting_before(out.next):
                     new = rule.rewrite(m, gm)
@@ -190,8 +193,9 @@ def apply_rules(
                 claimed |= inner
                 site_of[new] = site
                 done.append(Rewrite(site, out, new))
-    for site in refused.values():
-        report.add(site)
+    for out, site in refused.items():
+        if not refused_inner[out] & claimed:  # a smaller variant inside it applied: that row stands for the site
+            report.add(site)
     for site in dict.fromkeys(rw.site for rw in done):
         if site not in report.sites:  # a site this rule extended is already recorded: one record per site
             report.add(site)

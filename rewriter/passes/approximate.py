@@ -48,6 +48,7 @@ class AttentionSite:
     scale: float
     causal: bool
     key_mask: fx.Node | None
+    prefix: int = 0  # keys concatenated in front that every query sees (causal after them)
 
     @property
     def same_tokens(self) -> bool:  # self-attention: queries and keys are the same positions
@@ -146,7 +147,7 @@ def _site(node: fx.Node, index: int, plan: MaskPlan, gm: fx.GraphModule) -> Atte
     if plan.carry:
         with gm.graph.inserting_before(node):
             km = key_mask_node(gm.graph, node)
-    return AttentionSite(node, index, a["query"], a["key"], a["value"], float(scale), plan.causal, km)
+    return AttentionSite(node, index, a["query"], a["key"], a["value"], float(scale), plan.causal, km, plan.prefix)
 
 
 def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True) -> list[Rewrite]:
@@ -170,6 +171,10 @@ def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True)
         plan = plan_mask(node, mask_values.get(mask) if isinstance(mask, fx.Node) else None)
         if plan.reason:
             site.refuse(plan.reason)
+            continue
+        if plan.prefix and f.action != "sliding_window_attention":
+            site.refuse(f"causal attention after {plan.prefix} key/value tokens concatenated in front (memory or sink "
+                        "tokens): only sliding_window carries them, as its sinks")
             continue
         params = {**f.defaults, **policy.params_for(index)}
         before = set(dict(gm.named_parameters(remove_duplicate=False)))

@@ -49,7 +49,7 @@ def _sliding(gm, s, p):
     q, prepended = s.q, 0
     if not s.same_tokens:
         prepended = _prepended_sinks(s)
-        if prepended is None:
+        if prepended is None or (s.prefix and prepended != s.prefix):
             return None, "cross-attention (queries and keys differ): a sliding window needs self-attention", {}
         # the concatenated tokens become the op's first sinks; a zero query stands at each of their positions
         q = call(gm.graph, aten.constant_pad_nd.default, (s.q, [0, 0, prepended, 0]), like=s.node)

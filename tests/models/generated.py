@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from tests.models.own import AttentionStyles, RMSNormStyles
+from tests.models.own import AttentionStyles, RMSNormStyles, rms_norm_written
 
 __all__ = ["LayerSpec", "Spec", "Generated", "build", "specs", "with_", "ATTENTION", "NORMS", "ARCHS"]
 
@@ -98,26 +98,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.style = style
         self.half = dtype if dtype != torch.float32 else None  # T5 casts back to a half-precision gain's dtype
-        self.weight = nn.Parameter(torch.randn(d) * 0.1 + (0.0 if style == "gemma" else 1.0))
+        self.weight = nn.Parameter(torch.randn(d) * 0.1 + (0.0 if style in ("gemma", "x_transformers_unit_offset") else 1.0))
         self.norm = nn.RMSNorm(d, eps=1e-6) if style == "nn_rmsnorm" else None
 
     def forward(self, x):
-        s, eps = self.style, 1e-6
-        if s == "llama":
-            dt = x.dtype
-            h = x.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return self.weight * h.to(dt)
-        if s == "gemma":
-            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-            return (out * (1.0 + self.weight.float())).type_as(x)
-        if s == "t5":
-            var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-            h = x * torch.rsqrt(var + eps)
-            return self.weight * (h.to(self.half) if self.half is not None else h)
-        if s == "by_hand_div":
-            return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * self.weight
-        return self.norm(x)
+        return rms_norm_written(self.style, x, self.weight, self.norm, self.half)
 
 
 def make_norm(kind: str, d: int, dtype: torch.dtype = torch.float32) -> nn.Module:

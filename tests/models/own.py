@@ -290,37 +290,90 @@ def attention_style(style: str, seed: int = 0):
 class RMSNormStyles(nn.Module):
     """Decomposed RMSNorm as written in Llama, Gemma, T5 and by hand."""
 
-    STYLES = ("llama", "gemma", "t5", "by_hand_div", "nn_rmsnorm")
+    STYLES = ("llama", "gemma", "t5", "by_hand_div", "nn_rmsnorm", "rsqrt_first",
+              "x_transformers", "x_transformers_unit_offset", "norm_div")
 
     def __init__(self, style: str, d=32):
         super().__init__()
         self.style = style
-        self.weight = nn.Parameter(torch.randn(d) * 0.1 + (0.0 if style == "gemma" else 1.0))
+        self.weight = nn.Parameter(torch.randn(d) * 0.1 + (0.0 if style in ("gemma", "x_transformers_unit_offset") else 1.0))
         self.lin = nn.Linear(d, d)
         self.norm = nn.RMSNorm(d, eps=1e-6)
 
     def forward(self, x):
-        x = self.lin(x)
-        s, eps = self.style, 1e-6
-        if s == "llama":
-            dt = x.dtype
-            h = x.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return self.weight * h.to(dt)
-        if s == "gemma":
-            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-            return (out * (1.0 + self.weight.float())).type_as(x)
-        if s == "t5":
-            var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-            return self.weight * (x * torch.rsqrt(var + eps))
-        if s == "by_hand_div":
-            return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * self.weight
-        return self.norm(x)
+        return rms_norm_written(self.style, self.lin(x), self.weight, self.norm)
+
+
+def rms_norm_written(style: str, x, weight, norm=None, half=None, eps: float = 1e-6):
+    """RMSNorm of `x` spelled in `style` (one of RMSNormStyles.STYLES); T5 casts to `half` if given."""
+    s = style
+    if s == "llama":
+        dt = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(dt)
+    if s == "gemma":
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return (out * (1.0 + weight.float())).type_as(x)
+    if s == "t5":
+        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = x * torch.rsqrt(var + eps)
+        return weight * (h.to(half) if half is not None else h)
+    if s == "by_hand_div":
+        return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
+    if s == "rsqrt_first":
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * x * weight
+    if s.startswith("x_transformers"):  # x-transformers' RMSNorm: F.normalize · sqrt(d) · (g + unit offset)
+        return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5 * (weight + float(s.endswith("unit_offset")))
+    if s == "norm_div":
+        return x / x.norm(dim=-1, keepdim=True) * math.sqrt(x.shape[-1]) * weight
+    return norm(x)
 
 
 def rms_norm_style(style: str, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     return RMSNormStyles(style).eval().to(dtype), (torch.randn(2, 7, 32, dtype=dtype),)
+
+
+class LayerNormStyles(nn.Module):
+    """LayerNorm written out by hand, as model code outside torch.nn writes it."""
+
+    STYLES = ("var_rsqrt", "centred_pow_div", "centred_mul_w_first", "scale_only", "no_affine")
+    # (x - mean) / (std + eps): epsilon outside the root; the unbiased variance; an L2 norm without sqrt(d)
+    NOT_A_LAYER_NORM = ("annotated_transformer", "unbiased_var", "normalize_no_scale")
+
+    def __init__(self, style: str, d=32):
+        super().__init__()
+        self.style = style
+        self.lin = nn.Linear(d, d)
+        self.w = nn.Parameter(1 + 0.2 * torch.randn(d))
+        self.b = nn.Parameter(0.2 * torch.randn(d))
+
+    def forward(self, x):
+        x, s, eps = self.lin(x), self.style, 1e-5
+        mean = x.mean(-1, keepdim=True)
+        if s == "var_rsqrt":
+            return (x - mean) * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps) * self.w + self.b
+        if s == "centred_pow_div":
+            c = x - mean
+            return c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + eps) * self.w + self.b
+        if s == "centred_mul_w_first":
+            c = x - mean
+            return self.w * (c * torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)) + self.b
+        if s == "scale_only":
+            return (x - mean) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps) * self.w
+        if s == "no_affine":
+            return (x - mean) * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
+        if s == "unbiased_var":
+            return (x - mean) * torch.rsqrt(x.var(-1, keepdim=True) + eps) * self.w + self.b
+        if s == "normalize_no_scale":  # cosine-style: the gain absorbs no sqrt(d)
+            return F.normalize(x, dim=-1) * self.w
+        return self.w * (x - mean) / (x.std(-1, keepdim=True) + eps) + self.b  # annotated_transformer
+
+
+def layer_norm_style(style: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return LayerNormStyles(style).eval(), (torch.randn(2, 7, 32),)
 
 
 def _randomize_norms(m: nn.Module) -> None:
