@@ -86,7 +86,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     args, kwargs = cap.example_args, cap.example_kwargs
     flat = flat_inputs(gm, args, kwargs)
     expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit
-    ctx = PassContext(gm, cap.method, report, dict(options))
+    ctx = PassContext(gm, cap.method, report, dict(options), flat_inputs=flat if verify else None)
     untouched = _copy_graph(gm.graph)
     done: list[Rewrite] = []
     for p in exact_passes(options.get("norm", "auto")):

@@ -29,6 +29,7 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     claimed: set[fx.Node] = field(default_factory=set)  # nodes a rewrite already replaced
     site_of: dict[fx.Node, Site] = field(default_factory=dict)  # node -> the site it stands for
+    flat_inputs: list | None = None  # the example inputs, for passes that read a value (None: verify=False)
 
 
 @dataclass
@@ -128,6 +129,12 @@ def _reshaped_scores(softmax: fx.Node) -> bool:
     return False
 
 
+def _mask_structure(ctx: PassContext) -> list[Rewrite]:
+    from .mask_structure import convert
+
+    return convert(ctx)
+
+
 def _rms_norm_fusion(ctx: PassContext) -> list[Rewrite]:
     from .norms import RMS_NORM_RULES
 
@@ -177,7 +184,7 @@ def exact_passes(norm: str | None = "auto") -> list[Pass]:
     """The exact pipeline, in order. norm: "auto" (Pre-RMSNorm where provable), "crms"
     (Pre-CRMSNorm), or None / "keep" (no residual-stream conversion)."""
     passes = [Pass("canonical_attention", _canonical_attention), Pass("gqa_fold", _gqa_fold),
-              Pass("rms_norm_fusion", _rms_norm_fusion)]
+              Pass("mask_structure", _mask_structure), Pass("rms_norm_fusion", _rms_norm_fusion)]
     if norm in ("auto", "rms", "crms"):
         passes.append(Pass("pre_rmsnorm", _pre_rmsnorm))
     passes.append(Pass("norm_ops", _norm_ops))

@@ -24,6 +24,7 @@ from ..compare import cosine, error
 from ..verify import record
 from ._args import args_of
 from ._masks import MaskPlan, key_mask_node, plan_mask
+from .mask_structure import BAND_META
 from ._rules import Rewrite
 from .policy import POLICY_KEYS, Policy
 
@@ -195,6 +196,10 @@ def run(ctx, name: str, policy: Policy, flat_inputs: list, measure: bool = True)
                                "action": site.action, "layer": index}
         node.replace_all_uses_with(new)
         done.append(Rewrite(site, node, new))
+    for band in [n for n in gm.graph.nodes if BAND_META in n.meta]:  # the exact pass made these local already
+        ctx.report.add(Site(module_path(band), "attention", f.action, pass_name=f"approximate:{name}", node=band.name)
+                       .refuse(f"already the exact sliding-window op: the model's mask is {band.meta[BAND_META]} "
+                               "(rewritten by the exact pass)"))
     for unread in [s for s in ctx.report.sites if s.kind == "attention" and s.pass_name == "canonical_attention"
                    and s.status != "applied"]:  # no canonical node: this pass cannot see the site either
         ctx.report.add(Site(unread.location, "attention", f.action, pass_name=f"approximate:{name}", node=unread.node)

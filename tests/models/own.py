@@ -191,7 +191,8 @@ class AttentionStyles(nn.Module):
               "where_mask", "einsum_free_permute", "pre_scaled_qk", "tensor_scale", "bias_then_mask",
               # third-party spellings: einsum (vit-pytorch, x-transformers, timm), softmax by hand, sink tokens
               "einsum", "einsum_heads_in_subscript", "einsum_keys_transposed", "einsum_ellipsis", "einsum_3d",
-              "hand_softmax", "hand_softmax_no_max", "hand_softmax_max_detached", "sinks_concat")
+              "hand_softmax", "hand_softmax_no_max", "hand_softmax_max_detached", "sinks_concat",
+              "parameter_scale", "buffer_scale_on_q")
 
     def __init__(self, style: str, d=32, h=4, T=10):
         super().__init__()
@@ -203,6 +204,8 @@ class AttentionStyles(nn.Module):
         self.rel_bias = nn.Parameter(torch.randn(h, T, T) * 0.1)
         self.register_buffer("causal", torch.tril(torch.ones(T, T, dtype=torch.bool)))
         self.sink_kv = nn.Parameter(torch.randn(2, h, 2, d // h))  # two learned sink tokens per head (StreamingLLM)
+        self.temperature = nn.Parameter(torch.tensor((d // h) ** -0.5))  # a learned scale (e.g. XCiT, cosine attention)
+        self.register_buffer("q_scale", torch.tensor((d // h) ** -0.5))
 
     def forward(self, x):
         B, T, C = x.shape
@@ -271,6 +274,10 @@ class AttentionStyles(nn.Module):
                 w = w - w.max(dim=-1, keepdim=True).values.detach()
             e = torch.exp(w)
             y = (e / e.sum(dim=-1, keepdim=True)) @ v
+        elif s == "parameter_scale":
+            y = torch.softmax(q @ k.transpose(-1, -2) * self.temperature, -1) @ v
+        elif s == "buffer_scale_on_q":
+            y = torch.softmax((q * self.q_scale) @ k.transpose(-1, -2), -1) @ v
         elif s == "sinks_concat":  # sink tokens concatenated in front of the keys and values
             sk, sv = (t.expand(B, -1, -1, -1) for t in self.sink_kv)
             k2, v2 = torch.cat([sk, k], dim=-2), torch.cat([sv, v], dim=-2)
@@ -384,3 +391,48 @@ def _randomize_norms(m: nn.Module) -> None:
             with torch.no_grad():
                 mod.weight.copy_(1 + 0.2 * torch.randn(mod.weight.shape, generator=g))
                 mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
+
+
+class PositionBiases(nn.Module):
+    """Softmax attention with an additive position bias, in the ways known models compute it."""
+
+    KINDS = ("t5_buckets", "swin_table", "sam_decomposed", "alibi")
+
+    def __init__(self, kind: str, d=32, h=4, n=9):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(kind)
+        self.kind, self.h, self.n = kind, h, n
+        self.qkv = nn.Linear(d, 3 * d)
+        i = torch.arange(n)
+        rel = i[None, :] - i[:, None]
+        if kind == "t5_buckets":
+            self.bias = nn.Embedding(8, h)
+            self.register_buffer("buckets", rel.clamp(-4, 3) + 4)
+        elif kind == "swin_table":
+            self.table = nn.Parameter(torch.randn(2 * n - 1, h) * 0.1)
+            self.register_buffer("index", (rel + n - 1).flatten())
+        elif kind == "sam_decomposed":
+            self.rel_pos = nn.Parameter(torch.randn(n, n, d // h) * 0.1)
+        else:  # ALiBi: a fixed slope per head times the key-query distance
+            slopes = torch.tensor([2.0 ** (-8 * (k + 1) / h) for k in range(h)])
+            self.register_buffer("alibi", -slopes[:, None, None] * rel.abs()[None].float())
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (t.reshape(B, N, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if self.kind == "t5_buckets":
+            s = s + self.bias(self.buckets).permute(2, 0, 1)
+        elif self.kind == "swin_table":
+            s = s + self.table[self.index].view(N, N, -1).permute(2, 0, 1)
+        elif self.kind == "sam_decomposed":
+            s = s + torch.einsum("bhic,ijc->bhij", q, self.rel_pos)
+        else:
+            s = s + self.alibi
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def position_bias(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return PositionBiases(kind).eval(), (torch.randn(2, 9, 32),)

@@ -250,3 +250,19 @@ def test_sink_tokens_concatenated_onto_keys_become_the_windows_sinks():
     [site] = opt.report.select(pass_name="approximate:sliding_window")
     assert site.status == "applied" and site.params["prepended_sinks"] == 2 and site.error["rel_l2"] < FULL
     assert_close(*run_both(model, opt, x), tol=FULL)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("t5_buckets", "bucketed distance"), ("swin_table", "table indexed by relative position"),
+    ("sam_decomposed", "decomposed relative position"), ("alibi", "ALiBi"),
+])
+def test_each_position_bias_kind_has_its_reason(kind, words):
+    """Exact by default (the bias is kept as the SDPA mask); each approximate mode names the bias kind."""
+    model, x = own.position_bias(kind)
+    exact = rewriter.optimize(model, x)
+    assert exact.report.count("attention", "applied") == 1
+    assert_close(*run_both(model, exact, x))
+    opt = rewriter.optimize(model, x, attention="linear")
+    [site] = opt.report.select(pass_name="approximate:linear")
+    assert site.status == "refused" and words in site.reason, site.reason
+    assert_close(*run_both(model, opt, x))

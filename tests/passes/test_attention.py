@@ -169,3 +169,67 @@ def test_einsum_that_is_not_a_matrix_product_is_refused(equation, ranks, words):
     from rewriter.respell import einsum_matmul_plan
 
     assert words in einsum_matmul_plan(equation, ranks)
+
+
+class BandMask(nn.Module):
+    """Local attention written as a dense mask over every key (Mistral, Gemma-2/Phi-3 local layers)."""
+
+    def __init__(self, kind: str, w: int = 3):
+        super().__init__()
+        self.kind, self.w = kind, w
+
+    def forward(self, q, k, v, keep):
+        n = q.shape[-2]
+        i = torch.arange(n)
+        d = i[:, None] - i[None, :]
+        if self.kind == "causal_band":  # bool, from arange comparisons
+            mask = (d >= 0) & (d < self.w)
+        elif self.kind == "symmetric_band":  # additive
+            mask = torch.zeros(n, n).masked_fill(d.abs() > self.w, float("-inf"))
+        elif self.kind == "band_and_padding":  # a padding mask from the inputs folded in
+            mask = ((d >= 0) & (d < self.w)) & keep[:, None, None, :]
+        else:  # plain causal: no band
+            mask = d >= 0
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind, window, causal", [("causal_band", 3, True), ("symmetric_band", 7, False)])
+def test_band_masks_become_the_exact_sliding_window_op(kind, window, causal):
+    q = torch.randn(2, 2, 10, 4)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    model, x = BandMask(kind), (q, q.clone() + 0.5, q.clone() - 0.5, keep)
+    opt = rewriter.optimize(model, x)
+    [site] = opt.report.select(pass_name="mask_structure")
+    assert site.status == "applied" and site.params == {"window": window, "causal": causal}
+    assert count(opt.graph_module, torch.ops.rewriter.sliding_window_attention.default) == 1
+    assert count(opt.graph_module, SDPA) == 0
+    assert_close(*run_both(model, opt, x))
+    longer = (torch.randn(1, 2, 17, 4), torch.randn(1, 2, 17, 4), torch.randn(1, 2, 17, 4), torch.ones(1, 17, dtype=torch.bool))
+    assert_close(*run_both(model, opt, longer))  # another length: the same band
+    approx = rewriter.optimize(model, x, attention="linear").report.select(pass_name="approximate:linear")
+    assert [s.status for s in approx] == ["refused"] and "already the exact sliding-window op" in approx[0].reason
+
+
+def test_a_band_combined_with_padding_from_the_inputs_stays_dense():
+    q = torch.randn(2, 2, 10, 4)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    model, x = BandMask("band_and_padding"), (q, q.clone() + 0.5, q.clone() - 0.5, keep)
+    opt = rewriter.optimize(model, x)
+    rows = opt.report.select(pass_name="mask_structure")
+    assert count(opt.graph_module, torch.ops.rewriter.sliding_window_attention.default) == 0
+    assert [s.status for s in rows] == ["refused"] and "read from the inputs" in rows[0].reason
+    keep[1, 7:] = False  # padding the example did not have: still the original's answer
+    assert_close(*run_both(model, opt, x))
+
+
+def test_a_causal_mask_built_from_shapes_becomes_is_causal():
+    q = torch.randn(2, 2, 10, 4)
+    model, x = BandMask("causal"), (q, q.clone() + 0.5, q.clone() - 0.5, torch.ones(2, 10, dtype=torch.bool))
+    opt = rewriter.optimize(model, x)
+    [site] = opt.report.select(pass_name="mask_structure")
+    assert site.status == "applied" and site.action == "sdpa(is_causal=True)"
+    [node] = [n for n in opt.graph_module.graph.nodes if n.target == SDPA]
+    assert node.args[3] is None and node.args[5] is True
+    assert_close(*run_both(model, opt, x))
+    longer = tuple(torch.randn(1, 2, 17, 4) for _ in range(3)) + (torch.ones(1, 17, dtype=torch.bool),)
+    assert_close(*run_both(model, opt, longer))

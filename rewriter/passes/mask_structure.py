@@ -1,0 +1,117 @@
+"""Masks as data: a causal mask → `is_causal`, a band mask → the sliding-window op (exact).
+
+A causal mask however it is built (`tril`, `triu`, `arange` comparisons, a buffer slice)
+becomes `is_causal=True`, so SDPA's causal kernels run.
+
+Mistral's `sliding_window`, Gemma-2's and Phi-3's local layers write a sliding window as a
+dense mask over every key; the band is exactly what `rewriter::sliding_window_attention`
+computes (query i sees keys i - w < j <= i), so the banded kernel runs instead of the
+dense product. The band is read from the mask's value on the example inputs; a mask that
+also reads the inputs' values (a padding mask folded in) may differ on other inputs, so it
+stays dense, with that reason.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import kernels  # noqa: F401  (registers torch.ops.rewriter)
+from ..graph import call, module_path, val
+from ..report import Site
+from ..verify import record
+from ._args import args_of
+from ._masks import MASKED, causal_band, learned_from, reads_inputs
+from ._rules import Rewrite
+from .attention import sdpa
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+SLIDING = torch.ops.rewriter.sliding_window_attention.default
+BAND_META = "rewriter_exact_band"  # on a sliding-window node this pass made: the mask it stands for, in words
+
+__all__ = ["convert", "BAND_META"]
+
+
+def _symmetric_band(m: torch.Tensor) -> int | None:
+    """h when the [B, N, N] mask lets each query see exactly the keys with |i - j| <= h (h < N - 1)."""
+    n = m.shape[-1]
+    i = torch.arange(n)
+    d = (i[:, None] - i[None, :]).abs()
+    h = int(m[:, n // 2].sum(-1).max()) // 2
+    return h if h < n - 1 and torch.equal(m, (d <= h).expand_as(m)) else None
+
+
+def _band_of(m: torch.Tensor) -> tuple[int, bool] | None:
+    """(window, causal) when the mask value (bool, or additive with 0 / masked entries) is a
+    band: causal of w keys (window w), or |i - j| <= h (window 2h + 1, bidirectional)."""
+    if m.dtype != torch.bool:
+        if ((m != 0) & (m > MASKED)).any():
+            return None
+        m = m == 0
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[-1] != m.shape[-2] or not torch.equal(m, m[:, :1].expand_as(m)):
+        return None
+    w = causal_band(m[:, 0])
+    if w:
+        return w, True
+    h = _symmetric_band(m[:, 0])
+    return (2 * h + 1, False) if h is not None else None
+
+
+def _is_causal(m: torch.Tensor) -> bool:
+    if m.dtype != torch.bool:
+        if ((m != 0) & (m > MASKED)).any():
+            return False
+        m = m == 0
+    n = m.shape[-1]
+    return m.shape[-2] == n and n > 1 and torch.equal(m, torch.ones(n, n, dtype=torch.bool).tril().expand_as(m))
+
+
+def convert(ctx) -> list[Rewrite]:
+    if ctx.flat_inputs is None:  # verify=False: the band cannot be read from an example
+        return []
+    gm = ctx.gm
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA
+             and isinstance(args_of(n).get("attn_mask"), fx.Node) and not args_of(n).get("dropout_p")]
+    masks = {args_of(n)["attn_mask"] for n in nodes}
+    values = record(gm, ctx.flat_inputs, masks, ancestors_only=True) if nodes else {}
+    done = []
+    for node in nodes:
+        a = args_of(node)
+        mask = a["attn_mask"]
+        value = values.get(mask)
+        if not isinstance(value, torch.Tensor) or learned_from(mask):
+            continue
+        if _is_causal(value) and not reads_inputs(mask):
+            with gm.graph.inserting_before(node.next):
+                new = sdpa(gm.graph, a["query"], a["key"], a["value"], None, scale=a.get("scale"), is_causal=True,
+                           enable_gqa=bool(a.get("enable_gqa")), like=node)
+            node.replace_all_uses_with(new)
+            done.append(Rewrite(ctx.report.add(Site(module_path(node), "attention_mask", "sdpa(is_causal=True)",
+                                                    pass_name="mask_structure", node=new.name)), node, new))
+            continue
+        band = _band_of(value)
+        if band is None:
+            continue
+        w, causal = band
+        what = f"a causal band of {w} keys" if causal else f"a band of |i - j| <= {w // 2}"
+        if reads_inputs(mask):
+            ctx.report.add(Site(module_path(node), "attention_mask", "rewriter.sliding_window_attention",
+                                pass_name="mask_structure", node=node.name).refuse(
+                f"{what} combined with a mask read from the inputs (padding): kept as a dense mask, which is exact "
+                "for every input"))
+            continue
+        q = a["query"]
+        scale = a.get("scale")
+        scale = float(val(q).shape[-1]) ** -0.5 if scale is None else float(scale)
+        with gm.graph.inserting_before(node.next):
+            new = call(gm.graph, SLIDING, (q, a["key"], a["value"], None, w, causal, 1, 0, False, scale), like=node)
+        new.meta[BAND_META] = what
+        node.replace_all_uses_with(new)
+        band_site = ctx.report.add(Site(module_path(node), "attention_mask", "rewriter.sliding_window_attention",
+                                        pass_name="mask_structure", node=new.name,
+                                        params={"window": w, "causal": causal}))
+        done.append(Rewrite(band_site, node, new))
+    gm.recompile()
+    return done
