@@ -229,6 +229,36 @@ def strip_export_plumbing(graph: fx.Graph) -> int:
     return removed
 
 
+def _mutates(node: fx.Node) -> bool:
+    """Whether a call writes into one of its inputs (`add_`, `copy_`, `out=` ops)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is not None:
+        return schema.is_mutable
+    return node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+        and not node.target.startswith("__")
+
+
+def _is_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
+
+
+def mutated(node: fx.Node) -> bool:
+    """Whether `node`'s value, or a view of it, is written in place later in the graph."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if _mutates(u):
+                return True
+            if _is_view(u) or u.target is operator.getitem:
+                todo.append(u)
+    return False
+
+
 def _is_identity(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
@@ -242,6 +272,8 @@ def _is_identity(node: fx.Node) -> bool:
             isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
             and src.dtype == out.dtype and src.device == out.device
             and node.kwargs.get("memory_format") in (None, torch.preserve_format)
+            # a copy (`_to_copy`, `to(copy=True)`) stands apart from its source once either is written in place
+            and not (isinstance(node.args[0], fx.Node) and (mutated(node) or mutated(node.args[0])))
         )
     if t == aten.slice.Tensor:  # x[:, :] spelled out: start 0, end past the size, step 1
         a = list(node.args) + [None] * (5 - len(node.args))
@@ -268,16 +300,21 @@ def remove_identities(graph: fx.Graph) -> int:
 
 def common_subexpressions(graph: fx.Graph) -> int:
     """Merge identical pure ATen calls (e.g. `x.float()` written twice), so one pattern
-    covers code that recomputes a value instead of naming it."""
+    covers code that recomputes a value instead of naming it. Keyed on the op, its
+    arguments with their Python types (`x + 1` is not `x + 1.0`) and the result's dtype and
+    device; a value written in place later (or a view of one) is never merged, and in-place
+    ops are never merged."""
     seen: dict[tuple, fx.Node] = {}
     merged = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        if node.is_impure() or torch.Tag.nondeterministic_seeded in node.target.tags:
+        if node.is_impure() or torch.Tag.nondeterministic_seeded in node.target.tags or _mutates(node) or mutated(node):
             continue
+        out = val(node)
         try:
-            key = (node.target, _freeze(node.args), _freeze(node.kwargs))
+            key = (node.target, _freeze(node.args), _freeze(node.kwargs),
+                   (str(out.dtype), str(out.device)) if isinstance(out, torch.Tensor) else type(out).__name__)
             hash(key)
         except TypeError:
             continue
@@ -297,6 +334,8 @@ def _freeze(x):
         return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
     if isinstance(x, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
         return str(x)
+    if isinstance(x, (bool, int, float, complex)):  # 1 == 1.0 == True in Python; not as op arguments
+        return type(x).__name__, x
     return x
 
 

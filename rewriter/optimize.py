@@ -72,6 +72,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], verify: bool = True) -> tuple[fx.GraphModule, RewriteReport]:
     """Run the exact pipeline on a captured graph; verify every site and the outputs."""
     gm = cap.module
+    untouched = _copy_graph(gm.graph)  # before any cleanup: what a failed whole is restored to
     strip_export_plumbing(gm.graph)
     spell_out_arguments(gm.graph)
     if cap.method == "symbolic_trace":
@@ -87,7 +88,6 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     flat = flat_inputs(gm, args, kwargs)
     expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit
     ctx = PassContext(gm, cap.method, report, dict(options), flat_inputs=flat if verify else None)
-    untouched = _copy_graph(gm.graph)
     done: list[Rewrite] = []
     for p in exact_passes(options.get("norm", "auto")):
         rewrites = p.run(ctx)
@@ -105,6 +105,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
             for site in dict.fromkeys(changed):
                 if site.status == APPLIED:
                     site.roll_back(f"model output differed (rel_l2 {result['rel_l2']:.2e}) with every site applied")
+            report.passes = dict.fromkeys(report.passes, 0)  # nothing applied stays
             gm.graph = untouched
             gm.recompile()
             with torch.no_grad():
