@@ -265,7 +265,8 @@ def _is_identity(node: fx.Node) -> bool:
     t = node.target
     if t in (aten.dropout.default, torch.nn.functional.dropout):
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", node.kwargs.get("training", False))
-        return train is False
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        return train is False or p == 0
     if t in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.alias.default, aten.type_as.default):
         src, out = val(node.args[0]), val(node)
         return (

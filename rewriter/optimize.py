@@ -5,6 +5,7 @@ input signature, as torch.compile does.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,8 @@ def _verify_sites(gm: fx.GraphModule, rewrites: list[Rewrite], flat: list) -> No
     """Compare each replacement with what it replaced, on the same inputs; undo failures."""
     if not rewrites:
         return
-    values = record(gm, flat, [n for rw in rewrites for n in (rw.old, rw.new)])
+    with _seeded():  # a train-mode graph's dropouts must not draw from the caller's random stream
+        values = record(gm, flat, [n for rw in rewrites for n in (rw.old, rw.new)])
     failed_groups = {}
     for rw in rewrites:
         new, old = values.get(rw.new), values.get(rw.old)
@@ -53,6 +55,14 @@ def _verify_sites(gm: fx.GraphModule, rewrites: list[Rewrite], flat: list) -> No
         members = [rw for rw in rewrites if rw.group is group and rw.site.status != ROLLED_BACK]
         _roll_back(members, "another site of the same residual stream failed its check")
         group.undo()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    """The same random stream for each verification run, the caller's stream left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _roll_back(rewrites: list[Rewrite], reason: str) -> None:
@@ -86,8 +96,9 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
                                     "respelt": {k: v for k, v in respelt.items() if v}})
     args, kwargs = cap.example_args, cap.example_kwargs
     flat = flat_inputs(gm, args, kwargs)
-    expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit
-    ctx = PassContext(gm, cap.method, report, dict(options), flat_inputs=flat if verify else None)
+    with _seeded():  # train mode: dropout draws the same masks in the model and in the graph
+        expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit
+    ctx = PassContext(gm, cap.method, report, {**options, "training": model.training}, flat_inputs=flat if verify else None)
     done: list[Rewrite] = []
     for p in exact_passes(options.get("norm", "auto")):
         rewrites = p.run(ctx)
@@ -98,7 +109,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
         done.extend(rewrites)
         dead_code_elimination(gm)  # replaced nodes go: the next pass sees one clean graph
     if verify:
-        with torch.no_grad():
+        with torch.no_grad(), _seeded():
             result = compare_outputs(gm(*args, **kwargs), expected)
         if not result["ok"]:  # every site held on its own but not together: keep none
             changed = [rw.site for rw in done] + [rw.group.site for rw in done if rw.group is not None]
@@ -108,7 +119,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
             report.passes = dict.fromkeys(report.passes, 0)  # nothing applied stays
             gm.graph = untouched
             gm.recompile()
-            with torch.no_grad():
+            with torch.no_grad(), _seeded():
                 result = compare_outputs(gm(*args, **kwargs), expected)
         report.verification["output"] = result
     else:
@@ -188,9 +199,17 @@ class OptimizedModule(nn.Module):
         self._verify = verify
         self._entries: dict[tuple, _Entry] = {}
         self._last: _Entry | None = None
+        self.training = model.training  # the mode the graphs are captured in, as the model's
+
+    def train(self, mode: bool = True) -> "OptimizedModule":
+        """Set the mode of this module and of the model; each mode has its own graphs (train
+        mode keeps dropout active, as the model's forward does), captured on first use."""
+        self.training = bool(mode)
+        self._original.train(mode)
+        return self
 
     def _find(self, args, kwargs) -> _Entry | None:
-        sig = _signature(args, kwargs)
+        sig = (_signature(args, kwargs), self.training)
         return next((e for (s, _), e in self._entries.items() if s == sig and e.fits(args, kwargs)), None)
 
     def call_kwargs(self, args: tuple, kwargs: dict) -> dict:
@@ -213,11 +232,13 @@ class OptimizedModule(nn.Module):
         return entry
 
     def _capture(self, args, kwargs) -> _Entry:
+        if self._original.training != self.training:  # the model's mode was set directly: this module's decides
+            self._original.train(self.training)
         _, fixed, notes = prepare_call(self._original, args, kwargs)
         cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True), fixed_kwargs=fixed)
         cap.notes.extend(notes)
         gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
-        entry = self._entries[(_signature(args, kwargs), len(self._entries))] = _Entry(gm, report, cap)
+        entry = self._entries[((_signature(args, kwargs), self.training), len(self._entries))] = _Entry(gm, report, cap)
         self.add_module(f"graph_{len(self._entries) - 1}", gm)
         self._last = entry
         return entry

@@ -67,7 +67,7 @@ def _report_unmatched_softmax(ctx: PassContext) -> None:
     for n in ctx.gm.graph.nodes:
         if n in ctx.claimed or not spelled(n, SOFTMAX) or not n.users:
             continue
-        readers, reshaped = _readers(n)
+        readers, reshaped, dropped = _readers(n)
         if any(u.name in seen for u in readers):
             continue  # a pattern matched this site and its check refused it, with a reason
         einsum = next((u for u in [*readers, *_score_producers(n)] if "not_respelt" in u.meta), None)
@@ -75,7 +75,10 @@ def _report_unmatched_softmax(ctx: PassContext) -> None:
         if einsum is not None:
             why = f"softmax attention through an einsum left as written: {einsum.meta['not_respelt']}"
         elif any(spelled(u, MATMUL) for u in readers):
-            if ctx.method != "export":
+            if dropped:
+                why = ("softmax attention with dropout on its probabilities (a train-mode graph); left as written: "
+                       "canonical attention is rewritten in eval mode")
+            elif ctx.method != "export":
                 why = ("softmax attention in a symbolic_trace graph, spelled in a form no pattern covers; left as written "
                        "(a model torch.export can capture is matched on its ATen graph)")
             elif reshaped or _reshaped_scores(n):
@@ -93,17 +96,22 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
              aten.contiguous.default}
 
 
-def _readers(n: fx.Node) -> tuple[list[fx.Node], bool]:
-    """The nodes reading `n`'s value past casts and reshapes, and whether a reshape was passed."""
-    out, reshaped, todo = [], False, list(n.users)
+_DROPOUT = {aten.dropout.default, aten.native_dropout.default, torch.nn.functional.dropout}
+
+
+def _readers(n: fx.Node) -> tuple[list[fx.Node], bool, bool]:
+    """The nodes reading `n`'s value past casts, reshapes and dropout; whether a reshape, and
+    whether a dropout, was passed."""
+    out, reshaped, dropped, todo = [], False, False, list(n.users)
     while todo:
         u = todo.pop()
-        if spelled(u, CAST) or (u.op == "call_function" and u.target in _RESHAPES):
+        if spelled(u, CAST) or (u.op == "call_function" and (u.target in _RESHAPES or u.target in _DROPOUT)):
             reshaped |= u.target in _RESHAPES
+            dropped |= u.target in _DROPOUT
             todo.extend(u.users)
         else:
             out.append(u)
-    return out, reshaped
+    return out, reshaped, dropped
 
 
 def _score_producers(softmax: fx.Node, steps: int = 6) -> list[fx.Node]:
