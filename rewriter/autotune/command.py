@@ -181,7 +181,8 @@ def run_cache(args) -> int:
     if args.action == "show":
         entries = cache.entries()
         if args.json:
-            cli._print_json({"path": str(cache.path), "device": cache.device.header(), "entries": entries})
+            cli._print_json({"path": str(cache.path), "device": cache.device.header(), "entries": entries,
+                             "invalid": _invalid_entries(cache, entries)})
             return 0
         console.print(_cache_table(cache, entries))
         return 0
@@ -216,18 +217,35 @@ def _say(args, console, data: dict, text: str) -> None:
         console.print(text)
 
 
+def _invalid_entries(cache, entries: dict) -> dict[str, str]:
+    """Stored key -> why its config cannot run (ops skip these with a warning and run the default)."""
+    from .select import config_problem
+
+    kind = "cpu" if cache.device.capability == "cpu" else "cuda"
+    found = {}
+    for key, entry in entries.items():
+        problem = config_problem(key.split("|")[0], entry.get("config"), kind)
+        if problem:
+            found[key] = problem
+    return found
+
+
 def _cache_table(cache, entries: dict):
     from rich.table import Table
 
     table = Table(title=f"{cache.device.name} [{cache.device.capability}] — {cache.path}")
-    for col in ("kernel", "shape", "dtype", "config", "ms", "speedup", "tuned at"):
+    for col in ("kernel", "shape", "dtype", "config", "ms", "speedup", "tuned at", "valid"):
         table.add_column(col, overflow="fold")
+    invalid = _invalid_entries(cache, entries)
     for key, entry in sorted(entries.items()):
         kernel, _source, bucket, dtype = key.split("|")[:4]
         default, best = entry.get("default_ms"), entry.get("time_ms")
         speed = f"{default / best:.2f}x" if default and best else "—"
         config = ", ".join(f"{k}={v}" for k, v in entry["config"].items())
-        table.add_row(kernel, bucket.split(":", 1)[-1], dtype, config, _ms(best), speed, str(entry.get("tuned_at", "")))
+        table.add_row(kernel, bucket.split(":", 1)[-1], dtype, config, _ms(best), speed, str(entry.get("tuned_at", "")),
+                      f"no: {invalid[key]}" if key in invalid else "yes")
+    if invalid:
+        table.caption = f"{len(invalid)} invalid entries: the ops skip them (with a warning) and run their defaults"
     if not entries:
         table.caption = "empty: run `rewriter autotune` to fill it"
     return table

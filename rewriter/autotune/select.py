@@ -21,7 +21,7 @@ import torch
 from .buckets import bucket
 from .space import KERNELS, Space, space
 
-__all__ = ["tuned_config", "cache_key", "choices", "source_hash", "device_kind"]
+__all__ = ["tuned_config", "cache_key", "choices", "source_hash", "device_kind", "config_problem"]
 
 
 def device_kind(device: torch.device | str) -> str:
@@ -96,11 +96,39 @@ def _lookup(kernel: str, args: tuple, device: torch.device | str) -> dict[str, A
     name = "cpu" if kind == "cpu" else f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     from .cache import default_cache  # memoised per device and cache path
 
-    entry = default_cache(name).get(key)
+    cache = default_cache(name)
+    entry = cache.get(key)
     if not entry:
         return None
     config = entry.get("config")
-    sp = _space(kernel, kind)
-    if not isinstance(config, dict) or set(config) != set(sp.params) or not sp.keep(config, shape):
+    problem = config_problem(kernel, config, kind)
+    if problem is None and not _space(kernel, kind).keep(config, shape):
+        return None  # a config of this bucket that this exact shape cannot run: the default runs (not an error)
+    if problem is not None:
+        where = (cache.path, key.text())
+        if where not in _warned_entries:
+            _warned_entries.add(where)
+            warnings.warn(f"rewriter: ignoring the tuned config of {kernel} in {cache.path} (key {key.text()}): "
+                          f"{problem}; running its default config (`rewriter cache show` lists bad entries)",
+                          RuntimeWarning, stacklevel=4)
         return None
     return dict(config)
+
+
+_warned_entries: set[tuple] = set()
+
+
+def config_problem(kernel: str, config: Any, kind: str) -> str | None:
+    """Why a stored config cannot run `kernel` on this device kind (None: it can): every
+    parameter of the kernel's space, each with one of the space's values."""
+    sp = _space(kernel, kind) if kernel in KERNELS else None
+    if sp is None:
+        return f"no kernel {kernel!r} with a tuning space on {kind}"
+    if not isinstance(config, dict):
+        return f"the config is a {type(config).__name__}, not a dict"
+    if set(config) != set(sp.params):
+        return f"parameters {sorted(config)} are not the space's {sorted(sp.params)}"
+    for name, value in config.items():
+        if value not in sp.params[name] or isinstance(value, bool) != any(isinstance(c, bool) for c in sp.params[name]):
+            return f"{name}={value!r} is not one of the space's values {sp.params[name]}"
+    return None

@@ -1,7 +1,10 @@
 """Shape buckets, cache keys and the dispatch's lookup (which never imports Optuna)."""
+import json
 import subprocess
 import sys
+import warnings
 
+import pytest
 import torch
 
 from rewriter.autotune.buckets import bucket
@@ -65,3 +68,30 @@ def test_every_space_default_is_a_config_it_keeps():
         shape = sp.shape_of(*call.args)
         assert sp.default(shape) in sp.configs(shape), (call.kernel, shape)
     assert all(k in KERNELS for k in ("sliding_window_attention", "agent_attention"))
+
+
+@pytest.mark.parametrize("chunk", [-4, 0, 48, "64", True])
+def test_a_bad_cache_entry_is_skipped_with_one_warning(chunk, tmp_path, monkeypatch, capsys):
+    """A hand-edited entry (a block size out of the space): the op warns once, naming the
+    file and the key, runs its default config, and `cache show` lists the entry as invalid."""
+    from rewriter.autotune.cache import default_cache
+    from rewriter.cli import main
+
+    monkeypatch.setenv("REWRITER_CACHE_DIR", str(tmp_path))
+    args = _linear_args(40)
+    key, _ = cache_key("linear_attention", args, "cpu")
+    cache = default_cache("cpu")
+    cache.put(key, {"config": {"chunk_size": chunk}, "time_ms": 0.1, "force": True})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first = torch.ops.rewriter.linear_attention(*args)
+        second = torch.ops.rewriter.linear_attention(*args)
+    messages = [str(w.message) for w in seen if "ignoring the tuned config" in str(w.message)]
+    assert len(messages) == 1 and str(cache.path) in messages[0] and key.text() in messages[0], messages
+    monkeypatch.setenv("REWRITER_AUTOTUNE", "off")
+    default = torch.ops.rewriter.linear_attention(*args)
+    torch.testing.assert_close(first, default, rtol=0, atol=0)
+    torch.testing.assert_close(second, default, rtol=0, atol=0)
+    assert main(["cache", "show", "--device", "cpu", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["invalid"]) == 1 and "chunk_size" in next(iter(shown["invalid"].values()))
