@@ -14,14 +14,15 @@ import math
 import torch
 import torch.fx as fx
 
-from ..graph import call, val
+from ..graph import ancestors, call, val
 from ._args import args_of, is_number
 from ._rules import Match, Rule
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+MASKED_ROWS_GUARD = "rewriter_masked_rows_guard"
 
-__all__ = ["ATTENTION_RULES", "GQA_RULES"]
+__all__ = ["ATTENTION_RULES", "GQA_RULES", "sdpa", "drop_masked_rows_guard"]
 
 B, H, L, E = 2, 2, 5, 4
 
@@ -216,8 +217,11 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
             bias = call(g, aten.div.Tensor if op == "div" else aten.mul.Tensor, (bias, m.inputs["scale"]), like=m.output)
     mask = None
     mask_op = m.variant["mask_op"]
+    rows = None  # (bool node: rows with every key masked, what the original gives there: "nan" or "uniform")
     if mask_op in ("add", "radd", "add_bias_add"):
         mask = m.inputs["mask"]
+        rows = (call(g, aten.all.dim, (call(g, aten.isneginf.default, (mask,), like=m.output), -1, True),
+                     like=m.output), "nan")
         if mask_op == "add_bias_add":  # s + b + m = s + (b + m), up to rounding (verification decides)
             mask = call(g, aten.add.Tensor, (m.inputs["bias"], mask), like=m.output)
         if val(mask).dtype != dtype:
@@ -225,6 +229,7 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
     elif mask_op == "fill":
         value = m.one(aten.masked_fill, "masked_fill").args[2]
         masked = m.inputs["mask"]
+        rows = (call(g, aten.all.dim, (masked, -1, True), like=m.output), "nan" if value == float("-inf") else "uniform")
         if value == float("-inf"):
             mask = call(g, aten.logical_not.default, (masked,), like=m.output)
         else:
@@ -233,6 +238,8 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
     elif mask_op in ("where", "where_scalar"):
         keep = m.inputs["mask"]
         fill = m.inputs["fill"] if mask_op == "where" else m.one(aten.where, torch.where).args[2]
+        rows = (call(g, aten.logical_not.default, (call(g, aten.any.dim, (keep, -1, True), like=m.output),),
+                     like=m.output), "nan" if _const_scalar(fill) == float("-inf") else "uniform")
         if _const_scalar(fill) == float("-inf"):
             mask = keep
         else:
@@ -259,7 +266,30 @@ def _rewrite(m: Match, gm: fx.GraphModule) -> fx.Node:
     else:
         out = sdpa(g, q, k, v, mask, scale=scale, like=m.output)
     want = val(m.output).dtype
-    return out if val(out).dtype == want else call(g, aten.to.dtype, (out, want), like=m.output)
+    out = out if val(out).dtype == want else call(g, aten.to.dtype, (out, want), like=m.output)
+    return out if rows is None else _as_the_original_where_fully_masked(g, out, m.inputs["v"], *rows, like=m.output)
+
+
+def _as_the_original_where_fully_masked(g, out, v, rows, what: str, like) -> fx.Node:
+    """Rows whose every key is masked: the original's softmax gives NaN (-inf scores) or is
+    uniform over the keys (a finite fill replaces every score), where SDPA would not."""
+    if what == "nan":
+        guard = call(g, aten.where.ScalarSelf, (rows, float("nan"), out), like=like)
+    else:
+        mean = call(g, aten.mean.dim, (v, [-2], True), like=like)
+        if val(mean).dtype != val(out).dtype:
+            mean = call(g, aten.to.dtype, (mean, val(out).dtype), like=like)
+        guard = call(g, aten.where.self, (rows, mean, out), like=like)
+    guard.meta[MASKED_ROWS_GUARD] = True
+    return guard
+
+
+def drop_masked_rows_guard(graph: fx.Graph, mask: fx.Node) -> None:
+    """Bypass the fully-masked-rows guard of a mask known to leave every row a key (a causal
+    or band mask computed from shapes alone)."""
+    for node in list(graph.nodes):
+        if node.meta.get(MASKED_ROWS_GUARD) and mask in set(ancestors([node.args[0]])):
+            node.replace_all_uses_with(node.args[2])
 
 
 ATTENTION_RULES = [

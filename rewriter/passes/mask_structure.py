@@ -22,7 +22,7 @@ from ..verify import record
 from ._args import args_of
 from ._masks import MASKED, causal_band, learned_from, reads_inputs
 from ._rules import Rewrite
-from .attention import sdpa
+from .attention import drop_masked_rows_guard, sdpa
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -88,6 +88,7 @@ def convert(ctx) -> list[Rewrite]:
                 new = sdpa(gm.graph, a["query"], a["key"], a["value"], None, scale=a.get("scale"), is_causal=True,
                            enable_gqa=bool(a.get("enable_gqa")), like=node)
             node.replace_all_uses_with(new)
+            drop_masked_rows_guard(gm.graph, mask)  # causal: every row sees its own key
             done.append(Rewrite(ctx.report.add(Site(module_path(node), "attention_mask", "sdpa(is_causal=True)",
                                                     pass_name="mask_structure", node=new.name)), node, new))
             continue
@@ -109,6 +110,7 @@ def convert(ctx) -> list[Rewrite]:
             new = call(gm.graph, SLIDING, (q, a["key"], a["value"], None, w, causal, 1, 0, False, scale), like=node)
         new.meta[BAND_META] = what
         node.replace_all_uses_with(new)
+        drop_masked_rows_guard(gm.graph, mask)  # a band: every row sees its own key
         band_site = ctx.report.add(Site(module_path(node), "attention_mask", "rewriter.sliding_window_attention",
                                         pass_name="mask_structure", node=new.name,
                                         params={"window": w, "causal": causal}))

@@ -233,3 +233,43 @@ def test_a_causal_mask_built_from_shapes_becomes_is_causal():
     assert_close(*run_both(model, opt, x))
     longer = tuple(torch.randn(1, 2, 17, 4) for _ in range(3)) + (torch.ones(1, 17, dtype=torch.bool),)
     assert_close(*run_both(model, opt, longer))
+
+
+class FullyMaskable(nn.Module):
+    """A padding mask applied in each way code writes it; the example has no fully masked row."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, keep):
+        w = q @ k.transpose(-1, -2) * 0.5
+        if self.how == "fill_finite":
+            w = w.masked_fill(~keep, -1e4)
+        elif self.how == "fill_inf":
+            w = w.masked_fill(~keep, float("-inf"))
+        elif self.how == "where_inf":
+            w = torch.where(keep, w, torch.full([], float("-inf")))
+        elif self.how == "where_finite":
+            w = torch.where(keep, w, -1e4)
+        elif self.how == "add_finite":
+            w = w + torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(w.dtype).min)
+        else:  # add_inf
+            w = w + torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        return torch.softmax(w, -1) @ v
+
+
+@pytest.mark.parametrize("how", ["fill_finite", "fill_inf", "where_inf", "where_finite", "add_finite", "add_inf"])
+def test_fully_masked_rows_give_the_originals_answer(how):
+    """A row whose every key is masked: uniform over the keys where a finite fill replaced the
+    scores, NaN where they were -inf, as the original computes; SDPA alone would differ."""
+    q = torch.randn(2, 2, 5, 4)
+    keep = torch.rand(2, 1, 5, 5) > 0.3
+    keep[..., torch.arange(5), torch.arange(5)] = True  # the example: every row keeps a key
+    model = FullyMaskable(how)
+    opt = rewriter.optimize(model, (q, q + 1, q - 1, keep))
+    assert opt.report.count("attention", "applied") == 1
+    keep[1, :, 3, :] = False  # now a fully masked row
+    got, want = run_both(model, opt, (q, q + 1, q - 1, keep))
+    assert torch.isnan(got).any() == ("inf" in how)
+    assert_close(got, want)  # NaN on one side only would fail (rewriter.compare)
