@@ -171,6 +171,7 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, kw: dict, verify: bool):
     inputs = [example_inputs[i] for i in keep]
     notes = []
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+    module.train(training)  # dynamo's graph is traced in the model's mode already; this says which passes apply
     if training and kw.get("norm") in ("auto", "crms"):
         kw = {**kw, "norm": "keep"}
         notes.append("compiled for training: LayerNorms kept "
