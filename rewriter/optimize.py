@@ -22,6 +22,7 @@ from .graph import (common_subexpressions, dead_code_elimination, remove_identit
 from .respell import respell_einsum, respell_softmax
 from .hf_calls import generate as hf_generate, prepare_call
 from .passes import PassContext, Rewrite, exact_passes
+from .passes.attention import STATE_TENSORS, USER_TENSORS
 from .report import APPLIED, ROLLED_BACK, RewriteReport
 from .compare import compare_outputs, error, within_tolerance
 from .verify import flat_inputs, record
@@ -82,6 +83,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], verify: bool = True) -> tuple[fx.GraphModule, RewriteReport]:
     """Run the exact pipeline on a captured graph; verify every site and the outputs."""
     gm = cap.module
+    gm.meta[USER_TENSORS] = {id(t) for t in (*model.parameters(), *model.buffers())}  # read at run time, not baked
+    gm.meta[STATE_TENSORS] = {id(t) for t in model.state_dict(keep_vars=True).values()}
     untouched = _copy_graph(gm.graph)  # before any cleanup: what a failed whole is restored to
     strip_export_plumbing(gm.graph)
     spell_out_arguments(gm.graph)

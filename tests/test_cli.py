@@ -335,8 +335,7 @@ def test_verification_failure_exits_1(capsys, monkeypatch):
     assert main(["optimize", NANOGPT]) == 1
     out = capsys.readouterr()
     assert "rolled_back" in out.out
-    # 4 layers: attention, causal mask → is_causal, the residual stream's writers and norms
-    assert out.err.strip() == "rewriter: verification failed: 18 rewrite(s) rolled back after failing verification (see the report)"
+    assert out.err.strip() == "rewriter: verification failed: 14 rewrite(s) rolled back after failing verification (see the report)"
 
 
 def test_search_prints_the_front_and_saves_the_chosen_point(capsys, tmp_path):

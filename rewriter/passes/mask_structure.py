@@ -16,13 +16,13 @@ import torch
 import torch.fx as fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.rewriter)
-from ..graph import call, module_path, val
+from ..graph import ancestors, call, module_path, param, val
 from ..report import Site
 from ..verify import record
 from ._args import args_of
 from ._masks import MASKED, causal_band, learned_from, reads_inputs
 from ._rules import Rewrite
-from .attention import drop_masked_rows_guard, sdpa
+from .attention import STATE_TENSORS, drop_masked_rows_guard, sdpa
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -68,6 +68,16 @@ def _is_causal(m: torch.Tensor) -> bool:
     return m.shape[-2] == n and n > 1 and torch.equal(m, torch.ones(n, n, dtype=torch.bool).tril().expand_as(m))
 
 
+def _state_read(mask: fx.Node, gm) -> str | None:
+    """The name of a parameter or persistent buffer of the model the mask is computed from."""
+    state = gm.meta.get(STATE_TENSORS, ())
+    for n in ancestors([mask]):
+        t = param(gm, n)
+        if t is not None and id(t) in state:
+            return n.target
+    return None
+
+
 def convert(ctx) -> list[Rewrite]:
     if ctx.flat_inputs is None:  # verify=False: the band cannot be read from an example
         return []
@@ -83,7 +93,17 @@ def convert(ctx) -> list[Rewrite]:
         value = values.get(mask)
         if not isinstance(value, torch.Tensor) or learned_from(mask):
             continue
-        if _is_causal(value) and not reads_inputs(mask):
+        causal_mask = _is_causal(value)
+        band = None if causal_mask else _band_of(value)
+        state = _state_read(mask, gm) if (causal_mask or band) else None
+        if state is not None:
+            what = "a causal mask" if causal_mask else "a band mask"
+            ctx.report.add(Site(module_path(node), "attention_mask", "sdpa(is_causal=True)" if causal_mask else
+                                "rewriter.sliding_window_attention", pass_name="mask_structure", node=node.name).refuse(
+                f"{what} read from `{state}`, which is in the model's state dict: kept as a dense mask so that a "
+                "loaded or edited state is honoured (register the buffer with persistent=False to let it be recognised)"))
+            continue
+        if causal_mask and not reads_inputs(mask):
             with gm.graph.inserting_before(node.next):
                 new = sdpa(gm.graph, a["query"], a["key"], a["value"], None, scale=a.get("scale"), is_causal=True,
                            enable_gqa=bool(a.get("enable_gqa")), like=node)
@@ -92,7 +112,6 @@ def convert(ctx) -> list[Rewrite]:
             done.append(Rewrite(ctx.report.add(Site(module_path(node), "attention_mask", "sdpa(is_causal=True)",
                                                     pass_name="mask_structure", node=new.name)), node, new))
             continue
-        band = _band_of(value)
         if band is None:
             continue
         w, causal = band

@@ -222,6 +222,27 @@ def test_a_band_combined_with_padding_from_the_inputs_stays_dense():
     assert_close(*run_both(model, opt, x))
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_causal_mask_in_a_buffer_is_recognised_only_outside_the_state_dict(persistent):
+    """nanoGPT's `bias` tril buffer is in the state dict: a loaded state must be honoured, so it
+    stays a dense mask (with the reason); a non-persistent buffer becomes is_causal."""
+    model, x = own.nanogpt()
+    if not persistent:
+        for block in model.h:
+            block.attn.register_buffer("bias", block.attn.bias, persistent=False)
+    opt = rewriter.optimize(model, x)
+    rows = opt.report.select(pass_name="mask_structure")
+    assert len(rows) == 2
+    if persistent:
+        assert all(s.status == "refused" and "state dict" in s.reason and "attn.bias" in s.reason for s in rows)
+        with torch.no_grad():
+            for block in model.h:
+                block.attn.bias.triu_()  # an edited mask: the optimised model reads it at run time
+    else:
+        assert all(s.status == "applied" and s.action == "sdpa(is_causal=True)" for s in rows)
+    assert_close(*run_both(model, opt, x))
+
+
 def test_a_causal_mask_built_from_shapes_becomes_is_causal():
     q = torch.randn(2, 2, 10, 4)
     model, x = BandMask("causal"), (q, q.clone() + 0.5, q.clone() - 0.5, torch.ones(2, 10, dtype=torch.bool))
@@ -273,3 +294,15 @@ def test_fully_masked_rows_give_the_originals_answer(how):
     got, want = run_both(model, opt, (q, q + 1, q - 1, keep))
     assert torch.isnan(got).any() == ("inf" in how)
     assert_close(got, want)  # NaN on one side only would fail (rewriter.compare)
+
+
+@pytest.mark.parametrize("style, attr", [("parameter_scale", "temperature"), ("buffer_scale_on_q", "q_scale")])
+def test_a_scale_held_by_the_model_is_read_at_run_time(style, attr):
+    """A temperature in an nn.Parameter or a buffer: changed after optimising, the optimised
+    model follows (it was baked in as a constant before)."""
+    model, x = own.attention_style(style)
+    opt = rewriter.optimize(model, x)
+    assert opt.report.count("attention", "applied") == 1
+    with torch.no_grad():
+        getattr(model, attr).fill_(2.0)
+    assert_close(*run_both(model, opt, x))
