@@ -73,3 +73,19 @@ def assert_every_softmax_reported(model, inputs, report) -> None:
     rows = [s for s in report.sites if s.pass_name == "canonical_attention" and s.kind in ("attention", "softmax")
             and s.reason != "already scaled_dot_product_attention"]
     assert len(rows) == found, f"{found} softmaxes in the graph, {len(rows)} report rows: {[(s.location, s.reason) for s in rows]}"
+
+
+def fail_the_whole_output_once(monkeypatch) -> None:
+    """Make the optimiser's first whole-output check fail (every site still holds on its own),
+    to exercise the restore of the whole graph."""
+    import sys
+
+    optimize_module = sys.modules["rewriter.optimize"]  # the package's `optimize` names the function
+    real, calls = optimize_module.compare_outputs, []
+
+    def fail_first(actual, expected):
+        calls.append(1)
+        out = real(actual, expected)
+        return {**out, "ok": False, "rel_l2": 1.0} if len(calls) == 1 else out
+
+    monkeypatch.setattr(optimize_module, "compare_outputs", fail_first)

@@ -12,7 +12,7 @@ import torch
 
 from rewriter.cli import main
 from rewriter.inspection import render
-from tests.helpers import rewrite_zip
+from tests.helpers import fail_the_whole_output_once, rewrite_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT = f"{ROOT / 'examples' / 'nanogpt.py'}:build"
@@ -323,15 +323,7 @@ def test_cli_approximate_attention_and_onnx_export(capsys, tmp_path):
 
 
 def test_verification_failure_exits_1(capsys, monkeypatch):
-    optimize_module = sys.modules["rewriter.optimize"]  # the package's `optimize` names the function
-    real, calls = optimize_module.compare_outputs, []
-
-    def fail_first(actual, expected):  # every site holds on its own; the whole output does not
-        calls.append(1)
-        out = real(actual, expected)
-        return {**out, "ok": False, "rel_l2": 1.0} if len(calls) == 1 else out
-
-    monkeypatch.setattr(optimize_module, "compare_outputs", fail_first)
+    fail_the_whole_output_once(monkeypatch)
     assert main(["optimize", NANOGPT]) == 1
     out = capsys.readouterr()
     assert "rolled_back" in out.out

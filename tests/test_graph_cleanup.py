@@ -3,15 +3,13 @@
 torch.export's graphs keep in-place ops (`add_`, `copy_`), so two equal-looking calls are
 not one value when either is written later, and a copy is not its source.
 """
-import sys
-
 import pytest
 import torch
 from torch import nn
 
 import rewriter
 from rewriter.graph import common_subexpressions, remove_identities
-from tests.helpers import assert_close, run_both
+from tests.helpers import assert_close, fail_the_whole_output_once, run_both
 
 
 class InPlaceBias(nn.Module):
@@ -80,15 +78,7 @@ def test_numbers_of_different_types_are_not_merged():
 
 
 def test_a_failed_whole_is_restored_from_before_any_cleanup(monkeypatch):
-    optimize_module = sys.modules["rewriter.optimize"]
-    real, calls = optimize_module.compare_outputs, []
-
-    def fail_first(actual, expected):  # every site holds on its own; the whole output does not
-        calls.append(1)
-        out = real(actual, expected)
-        return {**out, "ok": False, "rel_l2": 1.0} if len(calls) == 1 else out
-
-    monkeypatch.setattr(optimize_module, "compare_outputs", fail_first)
+    fail_the_whole_output_once(monkeypatch)
     model, x = InPlaceBias(), (torch.randn(2, 6, 16),)
     opt = rewriter.optimize(model, x)
     assert_close(*run_both(model, opt, x), tol=0.0)  # the captured graph, as torch.export gave it
