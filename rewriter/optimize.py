@@ -17,8 +17,8 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .capture import Captured, capture, export_program, run_example
-from .graph import (common_subexpressions, dead_code_elimination, remove_identities, normalise_torch_spellings, spell_out_arguments,
-                    strip_export_plumbing)
+from .graph import (SOFTMAX, common_subexpressions, dead_code_elimination, remove_identities, normalise_torch_spellings, spell_out_arguments,
+                    spelled, strip_export_plumbing)
 from .respell import respell_einsum, respell_softmax
 from .hf_calls import generate as hf_generate, prepare_call
 from .passes import PassContext, Rewrite, exact_passes
@@ -96,7 +96,9 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     respelt["einsum"] = respell_einsum(gm.graph, cap.method)  # after: an einsum is respelt when next to a softmax
     dead_code_elimination(gm)  # dead reads (e.g. unused attention weights) would hide sites
     report = RewriteReport(capture={"method": cap.method, "dynamic_dims": cap.dynamic_dims, "notes": cap.notes,
-                                    "respelt": {k: v for k, v in respelt.items() if v}})
+                                    "respelt": {k: v for k, v in respelt.items() if v},
+                                    # each has a report row: attention applied or refused, or not attention
+                                    "softmax": sum(1 for n in gm.graph.nodes if spelled(n, SOFTMAX))})
     args, kwargs = cap.example_args, cap.example_kwargs
     flat = flat_inputs(gm, args, kwargs)
     with _seeded():  # train mode: dropout draws the same masks in the model and in the graph

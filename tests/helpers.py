@@ -72,7 +72,8 @@ def assert_every_softmax_reported(model, inputs, report) -> None:
     found += report.capture.get("respelt", {}).get("hand-written softmax", 0)
     rows = [s for s in report.sites if s.pass_name == "canonical_attention" and s.kind in ("attention", "softmax")
             and s.reason != "already scaled_dot_product_attention"]
-    assert len(rows) == found, f"{found} softmaxes in the graph, {len(rows)} report rows: {[(s.location, s.reason) for s in rows]}"
+    assert len(rows) == found == report.capture["softmax"], \
+        f"{found} softmaxes in the graph, {len(rows)} report rows: {[(s.location, s.reason) for s in rows]}"
 
 
 def fail_the_whole_output_once(monkeypatch) -> None:

@@ -50,6 +50,10 @@ def _check_report(built: Built, opt) -> None:
         assert s.status in (APPLIED, REFUSED, ROLLED_BACK), f"site {s.location} has status {s.status!r}{context}"
         if s.status != APPLIED:
             assert s.reason and s.reason.strip(), f"{s.status} site {s.location} ({s.kind}) has no reason{context}"
+    softmax_rows = [s for s in report.sites if s.pass_name == "canonical_attention" and s.kind in ("attention", "softmax")
+                    and s.reason != "already scaled_dot_product_attention"]
+    assert len(softmax_rows) == report.capture["softmax"], \
+        f"{report.capture['softmax']} softmaxes in the graph, {len(softmax_rows)} report rows{context}"
     if report.capture.get("method") != "export":
         return  # symbolic_trace graphs keep opaque leaf modules where tracing into them failed
     attention = {s.node for s in report.sites if s.kind in ATTENTION_KINDS}
