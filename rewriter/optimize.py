@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,16 @@ def _verify_sites(gm: fx.GraphModule, rewrites: list[Rewrite], flat: list) -> No
         members = [rw for rw in rewrites if rw.group is group and rw.site.status != ROLLED_BACK]
         _roll_back(members, "another site of the same residual stream failed its check")
         group.undo()
+
+
+def _capture_hazard(model: nn.Module) -> str:
+    """A known reason why a capture differs from the model's eager run, for the message."""
+    for path, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and not m.training:
+            return (f" (nn.TransformerEncoder at {path or '<root>'} takes its nested-tensor fast path in eval mode with "
+                    "a src_key_padding_mask: padded positions come out 0, which torch.export does not capture; build it "
+                    "with enable_nested_tensor=False to have it rewritten)")
+    return ""
 
 
 @contextlib.contextmanager
@@ -126,6 +137,10 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
             gm.recompile()
             with torch.no_grad(), _seeded():
                 result = compare_outputs(gm(*args, **kwargs), expected)
+            if not result["ok"]:  # the capture itself is not the model: it will not be used
+                result["capture_differs"] = True
+                result["reason"] = ("the captured graph, with no rewrite, does not compute what the model does on the "
+                                    "example inputs" + _capture_hazard(model))
         report.verification["output"] = result
     else:
         report.verification["output"] = {"ok": None, "reason": "verify=False"}
@@ -171,6 +186,11 @@ class _Entry:
     report: RewriteReport
     captured: Captured
     _inputs: list | None = None  # the placeholders' example values
+
+    @property
+    def fallback(self) -> bool:
+        """The capture is not the model (verification of the unrewritten graph failed): call the model."""
+        return bool(self.report.verification.get("output", {}).get("capture_differs"))
 
     def fits(self, args, kwargs) -> bool:
         """Whether the inputs have the sizes this graph was captured for (its static dims:
@@ -243,14 +263,21 @@ class OptimizedModule(nn.Module):
         cap = capture(self._original, args, kwargs, dynamic=self._options.get("dynamic", True), fixed_kwargs=fixed)
         cap.notes.extend(notes)
         gm, report = rewrite_captured(self._original, cap, self._options, self._verify)
+        if report.verification["output"].get("capture_differs"):
+            warnings.warn(f"rewriter: {report.verification['output']['reason']}; this optimised module calls "
+                          f"{type(self._original).__name__} itself for these inputs (nothing is rewritten)",
+                          RuntimeWarning, stacklevel=4)
         entry = self._entries[((_signature(args, kwargs), self.training), len(self._entries))] = _Entry(gm, report, cap)
         self.add_module(f"graph_{len(self._entries) - 1}", gm)
         self._last = entry
         return entry
 
     def forward(self, *args, **kwargs):
+        given = kwargs
         kwargs = self.call_kwargs(args, kwargs)
         entry = self._entry_for(args, kwargs)
+        if entry.fallback:
+            return self.reference(*args, **given)
         try:
             return entry.gm(*args, **kwargs)
         except AssertionError as e:  # export's input guards run first: nothing was computed yet

@@ -1,3 +1,6 @@
+import warnings
+
+import pytest
 import torch
 
 import rewriter
@@ -99,3 +102,29 @@ def test_import_needs_no_triton_onnx_or_gpu():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_transformer_encoder_fast_path_gives_the_originals_answer(nested):
+    """nn.TransformerEncoder in eval with a padding mask takes its nested-tensor fast path
+    (padded positions come out 0), which torch.export does not capture: the optimised module
+    says so and calls the model; built with enable_nested_tensor=False it is rewritten."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+    x = torch.randn(2, 7, 32)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt = rewriter.optimize(model, (x,), example_kwargs={"src_key_padding_mask": pad})
+    said = [str(w.message) for w in seen if "nested-tensor fast path" in str(w.message)]
+    assert len(said) == (1 if nested else 0)
+    with torch.no_grad():
+        got, want = opt(x, src_key_padding_mask=pad), model(x, src_key_padding_mask=pad)
+    assert_close(got, want)
+    if nested:
+        assert opt.report.verification["output"]["capture_differs"]
+        assert all(s.status != "applied" for s in opt.report.sites if s.reason != "already scaled_dot_product_attention")
+    else:
+        assert opt.report.verification["output"]["ok"] and opt.report.count("layer_norm", "applied") >= 4
