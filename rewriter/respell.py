@@ -24,7 +24,7 @@ __all__ = ["respell_einsum", "respell_softmax", "einsum_matmul_plan"]
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _PASS_THROUGH = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar,
                  aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther, aten._to_copy.default,
-                 aten.to.dtype, operator.mul, operator.truediv, operator.add}
+                 aten.to.dtype, aten.dropout.default, operator.mul, operator.truediv, operator.add}
 
 
 def einsum_matmul_plan(equation: str, ranks: tuple[int, int]) -> tuple[list[int], list[int], list[int]] | str:

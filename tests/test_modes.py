@@ -69,3 +69,29 @@ def test_the_optimised_modules_mode_decides_not_the_models(mode):
     model.train(mode == "train")
     torch.manual_seed(0)
     assert_close(got, model(*x))
+
+
+class EinsumAttentionWithDropout(torch.nn.Module):
+    """x-transformers' order: einsum scores, softmax, dropout on the probabilities, einsum PV."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (t.reshape(B, N, 2, 8).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        p = self.drop(torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1))
+        return torch.einsum("bhij,bhjd->bhid", p, v).transpose(1, 2).reshape(B, N, 16)
+
+
+def test_attention_dropout_in_train_mode_is_named_and_eval_is_rewritten():
+    model, x = EinsumAttentionWithDropout(), (torch.randn(2, 5, 16),)
+    opt = rewriter.optimize(model.train(), x)
+    [site] = opt.report.select(kind="attention")
+    assert site.status == "refused" and "dropout on its probabilities" in site.reason
+    opt.eval()
+    with torch.no_grad():
+        assert_close(opt(*x), model(*x))
+    assert opt.report.count("attention", "applied") == 1
