@@ -86,7 +86,7 @@ def _roll_back(rewrites: list[Rewrite], reason: str) -> None:
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of `graph` to restore if the rewritten whole fails (keeps export's pytree codegen)."""
     new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    new._codegen = copy.deepcopy(graph._codegen)
+    new._codegen = copy.copy(graph._codegen)  # its pytree specs are never edited: shared, not deep-copied
     new.output(new.graph_copy(graph, {}))
     return new
 
