@@ -19,6 +19,7 @@ aten = torch.ops.aten
 __all__ = [
     "val", "module_path", "call", "same_size", "param", "set_param", "add_param",
     "strip_export_plumbing", "spell_out_arguments", "normalise_torch_spellings", "spelled", "SOFTMAX", "MATMUL", "CAST", "remove_identities", "common_subexpressions", "dead_code_elimination", "op_targets", "ancestors",
+    "remember_model_state", "is_model_tensor", "in_state_dict",
 ]
 
 
@@ -38,6 +39,24 @@ def ancestors(nodes: Iterable[fx.Node], follow: Callable[[fx.Node], bool] | None
         seen.add(n)
         yield n
         stack.extend(a for a in n.all_input_nodes if follow is None or follow(a))
+
+
+_MODEL_TENSORS, _STATE_TENSORS = "rewriter_model_tensors", "rewriter_state_tensors"  # gm.meta keys
+
+
+def remember_model_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Note which tensors behind the graph's get_attr nodes are the model's own (read at run
+    time, never baked) and which of those are in its state dict (a loaded state replaces them)."""
+    gm.meta[_MODEL_TENSORS] = {id(t) for t in (*model.parameters(), *model.buffers())}
+    gm.meta[_STATE_TENSORS] = {id(t) for t in model.state_dict(keep_vars=True).values()}
+
+
+def is_model_tensor(gm: fx.GraphModule, t: torch.Tensor) -> bool:
+    return id(t) in gm.meta.get(_MODEL_TENSORS, ())
+
+
+def in_state_dict(gm: fx.GraphModule, t: torch.Tensor) -> bool:
+    return id(t) in gm.meta.get(_STATE_TENSORS, ())
 
 
 def module_path(node: fx.Node) -> str:

@@ -19,11 +19,10 @@ from torch.utils import _pytree as pytree
 
 from .capture import Captured, capture, export_program, run_example
 from .graph import (SOFTMAX, common_subexpressions, dead_code_elimination, remove_identities, normalise_torch_spellings, spell_out_arguments,
-                    spelled, strip_export_plumbing)
+                    remember_model_state, spelled, strip_export_plumbing)
 from .respell import respell_einsum, respell_softmax
 from .hf_calls import generate as hf_generate, prepare_call
 from .passes import PassContext, Rewrite, exact_passes
-from .passes.attention import STATE_TENSORS, USER_TENSORS
 from .report import APPLIED, ROLLED_BACK, RewriteReport
 from .compare import compare_outputs, error, within_tolerance
 from .verify import flat_inputs, record
@@ -94,8 +93,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], verify: bool = True) -> tuple[fx.GraphModule, RewriteReport]:
     """Run the exact pipeline on a captured graph; verify every site and the outputs."""
     gm = cap.module
-    gm.meta[USER_TENSORS] = {id(t) for t in (*model.parameters(), *model.buffers())}  # read at run time, not baked
-    gm.meta[STATE_TENSORS] = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    remember_model_state(gm, model)
     untouched = _copy_graph(gm.graph)  # before any cleanup: what a failed whole is restored to
     strip_export_plumbing(gm.graph)
     spell_out_arguments(gm.graph)
@@ -114,7 +112,7 @@ def rewrite_captured(model: nn.Module, cap: Captured, options: dict[str, Any], v
     flat = flat_inputs(gm, args, kwargs)
     with _seeded():  # train mode: dropout draws the same masks in the model and in the graph
         expected = run_example(model, args, cap.model_kwargs(kwargs)) if verify else None  # ExampleInputsError if they do not fit
-    ctx = PassContext(gm, cap.method, report, {**options, "training": model.training}, flat_inputs=flat if verify else None)
+    ctx = PassContext(gm, cap.method, report, dict(options), flat_inputs=flat if verify else None, training=model.training)
     done: list[Rewrite] = []
     for p in exact_passes(options.get("norm", "auto")):
         rewrites = p.run(ctx)

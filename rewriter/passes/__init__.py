@@ -30,6 +30,7 @@ class PassContext:
     claimed: set[fx.Node] = field(default_factory=set)  # nodes a rewrite already replaced
     site_of: dict[fx.Node, Site] = field(default_factory=dict)  # node -> the site it stands for
     flat_inputs: list | None = None  # the example inputs, for passes that read a value (None: verify=False)
+    training: bool = False  # the model's mode: train-mode graphs must keep gradients on the model's parameters
 
 
 @dataclass

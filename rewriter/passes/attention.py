@@ -14,17 +14,15 @@ import math
 import torch
 import torch.fx as fx
 
-from ..graph import ancestors, call, val
+from ..graph import ancestors, call, is_model_tensor, val
 from ._args import args_of, is_number
 from ._rules import Match, Rule
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 MASKED_ROWS_GUARD = "rewriter_masked_rows_guard"
-USER_TENSORS = "rewriter_user_tensors"  # gm.meta: ids of the model's parameters and buffers
-STATE_TENSORS = "rewriter_state_tensors"  # gm.meta: ids of the tensors in the model's state dict
 
-__all__ = ["ATTENTION_RULES", "GQA_RULES", "sdpa", "drop_masked_rows_guard", "USER_TENSORS", "STATE_TENSORS"]
+__all__ = ["ATTENTION_RULES", "GQA_RULES", "sdpa", "drop_masked_rows_guard"]
 
 B, H, L, E = 2, 2, 5, 4
 
@@ -115,7 +113,7 @@ def _const_scalar(x) -> float | None:
             for part in x.target.split("."):
                 mod = getattr(mod, part)
             t = mod
-        if id(t) in x.graph.owning_module.meta.get(USER_TENSORS, ()):
+        if is_model_tensor(x.graph.owning_module, t):
             return None  # the model's own parameter or buffer (a temperature): read at run time, never baked
         return float(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else None
     if x.op == "call_function" and x.target in (aten.full.default, aten.scalar_tensor.default, aten.tensor.float):

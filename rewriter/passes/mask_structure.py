@@ -16,13 +16,13 @@ import torch
 import torch.fx as fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.rewriter)
-from ..graph import ancestors, call, module_path, param, val
+from ..graph import ancestors, call, in_state_dict, module_path, param, val
 from ..report import Site
 from ..verify import record
 from ._args import args_of
 from ._masks import MASKED, causal_band, learned_from, reads_inputs
 from ._rules import Rewrite
-from .attention import STATE_TENSORS, drop_masked_rows_guard, sdpa
+from .attention import drop_masked_rows_guard, sdpa
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -70,10 +70,9 @@ def _is_causal(m: torch.Tensor) -> bool:
 
 def _state_read(mask: fx.Node, gm) -> str | None:
     """The name of a parameter or persistent buffer of the model the mask is computed from."""
-    state = gm.meta.get(STATE_TENSORS, ())
     for n in ancestors([mask]):
         t = param(gm, n)
-        if t is not None and id(t) in state:
+        if t is not None and in_state_dict(gm, t):
             return n.target
     return None
 

@@ -303,7 +303,7 @@ def convert(ctx) -> list:
     for stream in _find_streams(gm.graph, ctx.claimed):
         site = ctx.report.add(Site(_location(stream.norms), "residual_stream", action,
                                    pass_name="pre_rmsnorm", node=stream.norms[0].name))
-        if ctx.options.get("training"):
+        if ctx.training:
             site.refuse("train mode: the re-centred writers would be new weights the optimiser does not update "
                         "(gradients must reach the model's own parameters); converted in eval mode only")
             continue
