@@ -101,7 +101,7 @@ def _lookup(kernel: str, args: tuple, device: torch.device | str) -> dict[str, A
     if not entry:
         return None
     config = entry.get("config")
-    problem = config_problem(kernel, config, kind)
+    problem = _known_problem(kernel, config, kind)
     if problem is None and not _space(kernel, kind).keep(config, shape):
         return None  # a config of this bucket that this exact shape cannot run: the default runs (not an error)
     if problem is not None:
@@ -116,6 +116,19 @@ def _lookup(kernel: str, args: tuple, device: torch.device | str) -> dict[str, A
 
 
 _warned_entries: set[tuple] = set()
+
+
+def _known_problem(kernel: str, config: Any, kind: str) -> str | None:
+    """config_problem, memoised: it runs on every op call and a cache holds few distinct configs."""
+    try:
+        return _memo_problem(kernel, tuple(sorted((k, type(v).__name__, v) for k, v in config.items())), kind)
+    except (AttributeError, TypeError):  # not a dict, or unhashable values: no memo
+        return config_problem(kernel, config, kind)
+
+
+@functools.lru_cache(maxsize=1024)
+def _memo_problem(kernel: str, items: tuple, kind: str) -> str | None:
+    return config_problem(kernel, {k: v for k, _, v in items}, kind)  # typed items: True is not 1 here
 
 
 def config_problem(kernel: str, config: Any, kind: str) -> str | None:

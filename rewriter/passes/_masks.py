@@ -20,7 +20,7 @@ from ._args import args_of
 
 aten = torch.ops.aten
 
-__all__ = ["MaskPlan", "plan_mask", "key_mask_node", "MASKED", "causal_band", "learned_from", "reads_inputs"]
+__all__ = ["MaskPlan", "plan_mask", "key_mask_node", "MASKED", "causal_band", "learned_from", "reads_inputs", "visible"]
 
 MASKED = -1e4  # additive entries at or below this are "masked"; above it must be exactly 0
 
@@ -104,6 +104,18 @@ def _alibi(m: torch.Tensor) -> bool:
     return False
 
 
+def visible(m: torch.Tensor) -> torch.Tensor | None:
+    """Which keys each query sees, as a bool [B|1, H|1, Nq, Nk] tensor, from a mask's value
+    (bool, or additive with entries 0 or masked); None when it is an additive bias."""
+    if m.dtype != torch.bool:
+        if ((m != 0) & (m > MASKED)).any():
+            return None
+        m = m == 0
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m
+
+
 def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
     """Classify the mask of an SDPA node from its example value; a reason where it cannot be carried."""
     a = args_of(sdpa)
@@ -124,16 +136,13 @@ def plan_mask(sdpa: fx.Node, mask_value: torch.Tensor | None) -> MaskPlan:
     m = mask_value
     if m is None:
         return MaskPlan(reason="the mask's value could not be read on the example inputs")
-    if m.dtype != torch.bool:
-        bad = (m != 0) & (m > MASKED)
-        if bad.any():
-            if _alibi(m):
-                return MaskPlan(reason="the mask is an additive bias: ALiBi, linear in the key-query distance per head; "
-                                       "no approximate form here carries it")
-            return MaskPlan(reason="the mask is an additive bias (e.g. a position bias), not a padding or causal mask")
-        m = m == 0
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
+    seen = visible(m)
+    if seen is None:
+        if _alibi(m):
+            return MaskPlan(reason="the mask is an additive bias: ALiBi, linear in the key-query distance per head; "
+                                   "no approximate form here carries it")
+        return MaskPlan(reason="the mask is an additive bias (e.g. a position bias), not a padding or causal mask")
+    m = seen
     qn, kn = m.shape[-2], m.shape[-1]  # the example's sizes (qn is 1 when broadcast over queries)
     if not torch.equal(m, m[:, :1].expand_as(m)):
         return MaskPlan(reason="the mask differs between heads")

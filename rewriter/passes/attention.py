@@ -14,7 +14,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ..graph import ancestors, call, is_model_tensor, val
+from ..graph import call, is_model_tensor, val
 from ._args import args_of, is_number
 from ._rules import Match, Rule
 
@@ -286,12 +286,16 @@ def _as_the_original_where_fully_masked(g, out, v, rows, what: str, like) -> fx.
     return guard
 
 
-def drop_masked_rows_guard(graph: fx.Graph, mask: fx.Node) -> None:
-    """Bypass the fully-masked-rows guard of a mask known to leave every row a key (a causal
-    or band mask computed from shapes alone)."""
-    for node in list(graph.nodes):
-        if node.meta.get(MASKED_ROWS_GUARD) and mask in set(ancestors([node.args[0]])):
-            node.replace_all_uses_with(node.args[2])
+def drop_masked_rows_guard(attention: fx.Node, steps: int = 4) -> None:
+    """Bypass the fully-masked-rows guard on an attention node's output (a few users on, past
+    casts and squeezes) when its mask is known to leave every row a key (causal, a band)."""
+    todo = [(u, 1) for u in attention.users]
+    while todo:
+        u, d = todo.pop()
+        if u.meta.get(MASKED_ROWS_GUARD):
+            u.replace_all_uses_with(u.args[2])
+        elif d < steps:
+            todo.extend((w, d + 1) for w in u.users)
 
 
 ATTENTION_RULES = [

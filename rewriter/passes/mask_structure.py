@@ -20,7 +20,7 @@ from ..graph import ancestors, call, in_state_dict, module_path, param, val
 from ..report import Site
 from ..verify import record
 from ._args import args_of
-from ._masks import MASKED, causal_band, learned_from, reads_inputs
+from ._masks import causal_band, learned_from, reads_inputs, visible
 from ._rules import Rewrite
 from .attention import drop_masked_rows_guard, sdpa
 
@@ -44,13 +44,8 @@ def _symmetric_band(m: torch.Tensor) -> int | None:
 def _band_of(m: torch.Tensor) -> tuple[int, bool] | None:
     """(window, causal) when the mask value (bool, or additive with 0 / masked entries) is a
     band: causal of w keys (window w), or |i - j| <= h (window 2h + 1, bidirectional)."""
-    if m.dtype != torch.bool:
-        if ((m != 0) & (m > MASKED)).any():
-            return None
-        m = m == 0
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.shape[-1] != m.shape[-2] or not torch.equal(m, m[:, :1].expand_as(m)):
+    m = visible(m)
+    if m is None or m.shape[-1] != m.shape[-2] or not torch.equal(m, m[:, :1].expand_as(m)):
         return None
     w = causal_band(m[:, 0])
     if w:
@@ -60,12 +55,9 @@ def _band_of(m: torch.Tensor) -> tuple[int, bool] | None:
 
 
 def _is_causal(m: torch.Tensor) -> bool:
-    if m.dtype != torch.bool:
-        if ((m != 0) & (m > MASKED)).any():
-            return False
-        m = m == 0
-    n = m.shape[-1]
-    return m.shape[-2] == n and n > 1 and torch.equal(m, torch.ones(n, n, dtype=torch.bool).tril().expand_as(m))
+    m = visible(m)
+    n = m.shape[-1] if m is not None else 0
+    return m is not None and m.shape[-2] == n and n > 1 and torch.equal(m, torch.ones(n, n, dtype=torch.bool).tril().expand_as(m))
 
 
 def _state_read(mask: fx.Node, gm) -> str | None:
@@ -92,46 +84,36 @@ def convert(ctx) -> list[Rewrite]:
         value = values.get(mask)
         if not isinstance(value, torch.Tensor) or learned_from(mask):
             continue
-        causal_mask = _is_causal(value)
-        band = None if causal_mask else _band_of(value)
-        state = _state_read(mask, gm) if (causal_mask or band) else None
-        if state is not None:
-            what = "a causal mask" if causal_mask else "a band mask"
-            ctx.report.add(Site(module_path(node), "attention_mask", "sdpa(is_causal=True)" if causal_mask else
-                                "rewriter.sliding_window_attention", pass_name="mask_structure", node=node.name).refuse(
-                f"{what} read from `{state}`, which is in the model's state dict: kept as a dense mask so that a "
-                "loaded or edited state is honoured (register the buffer with persistent=False to let it be recognised)"))
-            continue
-        if causal_mask and not reads_inputs(mask):
-            with gm.graph.inserting_before(node.next):
-                new = sdpa(gm.graph, a["query"], a["key"], a["value"], None, scale=a.get("scale"), is_causal=True,
-                           enable_gqa=bool(a.get("enable_gqa")), like=node)
-            node.replace_all_uses_with(new)
-            drop_masked_rows_guard(gm.graph, mask)  # causal: every row sees its own key
-            done.append(Rewrite(ctx.report.add(Site(module_path(node), "attention_mask", "sdpa(is_causal=True)",
-                                                    pass_name="mask_structure", node=new.name)), node, new))
-            continue
+        band = (0, True) if _is_causal(value) else _band_of(value)  # window 0: plain causal
         if band is None:
             continue
         w, causal = band
-        what = f"a causal band of {w} keys" if causal else f"a band of |i - j| <= {w // 2}"
-        if reads_inputs(mask):
-            ctx.report.add(Site(module_path(node), "attention_mask", "rewriter.sliding_window_attention",
-                                pass_name="mask_structure", node=node.name).refuse(
+        what = "a causal mask" if w == 0 else f"a causal band of {w} keys" if causal else f"a band of |i - j| <= {w // 2}"
+        action = "sdpa(is_causal=True)" if w == 0 else "rewriter.sliding_window_attention"
+        site = Site(module_path(node), "attention_mask", action, pass_name="mask_structure", node=node.name)
+        state = _state_read(mask, gm)
+        if state is not None or reads_inputs(mask):
+            ctx.report.add(site.refuse(
+                f"{what} read from `{state}`, which is in the model's state dict: kept as a dense mask so that a loaded "
+                "or edited state is honoured (register the buffer with persistent=False to let it be recognised)"
+                if state is not None else
                 f"{what} combined with a mask read from the inputs (padding): kept as a dense mask, which is exact "
                 "for every input"))
             continue
-        q = a["query"]
-        scale = a.get("scale")
-        scale = float(val(q).shape[-1]) ** -0.5 if scale is None else float(scale)
         with gm.graph.inserting_before(node.next):
-            new = call(gm.graph, SLIDING, (q, a["key"], a["value"], None, w, causal, 1, 0, False, scale), like=node)
-        new.meta[BAND_META] = what
+            if w == 0:
+                new = sdpa(gm.graph, a["query"], a["key"], a["value"], None, scale=a.get("scale"), is_causal=True,
+                           enable_gqa=bool(a.get("enable_gqa")), like=node)
+            else:
+                scale = a.get("scale")
+                scale = float(val(a["query"]).shape[-1]) ** -0.5 if scale is None else float(scale)
+                new = call(gm.graph, SLIDING, (a["query"], a["key"], a["value"], None, w, causal, 1, 0, False, scale),
+                           like=node)
+                new.meta[BAND_META] = what
+                site.params = {"window": w, "causal": causal}
         node.replace_all_uses_with(new)
-        drop_masked_rows_guard(gm.graph, mask)  # a band: every row sees its own key
-        band_site = ctx.report.add(Site(module_path(node), "attention_mask", "rewriter.sliding_window_attention",
-                                        pass_name="mask_structure", node=new.name,
-                                        params={"window": w, "causal": causal}))
-        done.append(Rewrite(band_site, node, new))
+        drop_masked_rows_guard(new)  # causal or a band: every row sees its own key
+        site.node = new.name
+        done.append(Rewrite(ctx.report.add(site), node, new))
     gm.recompile()
     return done
