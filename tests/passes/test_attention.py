@@ -188,6 +188,8 @@ class BandMask(nn.Module):
             mask = torch.zeros(n, n).masked_fill(d.abs() > self.w, float("-inf"))
         elif self.kind == "band_and_padding":  # a padding mask from the inputs folded in
             mask = ((d >= 0) & (d < self.w)) & keep[:, None, None, :]
+        elif self.kind == "causal_and_padding":
+            mask = (d >= 0) & keep[:, None, None, :]
         else:  # plain causal: no band
             mask = d >= 0
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -210,14 +212,16 @@ def test_band_masks_become_the_exact_sliding_window_op(kind, window, causal):
     assert [s.status for s in approx] == ["refused"] and "already the exact sliding-window op" in approx[0].reason
 
 
-def test_a_band_combined_with_padding_from_the_inputs_stays_dense():
+@pytest.mark.parametrize("kind", ["band_and_padding", "causal_and_padding"])
+def test_a_mask_combined_with_padding_from_the_inputs_stays_dense(kind):
     q = torch.randn(2, 2, 10, 4)
     keep = torch.ones(2, 10, dtype=torch.bool)
-    model, x = BandMask("band_and_padding"), (q, q.clone() + 0.5, q.clone() - 0.5, keep)
+    model, x = BandMask(kind), (q, q.clone() + 0.5, q.clone() - 0.5, keep)
     opt = rewriter.optimize(model, x)
     rows = opt.report.select(pass_name="mask_structure")
     assert count(opt.graph_module, torch.ops.rewriter.sliding_window_attention.default) == 0
     assert [s.status for s in rows] == ["refused"] and "read from the inputs" in rows[0].reason
+    assert [n.args[5] for n in opt.graph_module.graph.nodes if n.target == SDPA] == [False]  # not is_causal
     keep[1, 7:] = False  # padding the example did not have: still the original's answer
     assert_close(*run_both(model, opt, x))
 
